@@ -1,0 +1,55 @@
+"""`csm-mlx-convert`: a csm-1b checkpoint (original or transformers format) -> an MLX model directory."""
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Optional
+
+from csm_mlx.checkpoint import DTYPES, CheckpointError, load_model, quantize, save_model
+from csm_mlx.hub import HubError, resolve_model
+
+
+def convert(
+    hf_path: str,
+    mlx_path: str,
+    dtype: str = "bfloat16",
+    quantize_weights: bool = False,
+    q_bits: int = 4,
+    q_group_size: int = 64,
+) -> Path:
+    """Convert hf_path (a directory or hub repo id) into a new MLX directory mlx_path."""
+    mlx_path = Path(mlx_path)
+    if mlx_path.exists() and (not mlx_path.is_dir() or any(mlx_path.iterdir())):
+        raise CheckpointError(f"{mlx_path} already exists: choose a new --mlx-path or remove it first")
+    model, _ = load_model(resolve_model(hf_path), dtype=dtype)
+    quantization = None
+    if quantize_weights:
+        quantize(model, q_bits, q_group_size)
+        quantization = {"group_size": q_group_size, "bits": q_bits}
+    save_model(model, mlx_path, dtype, quantization)
+    return mlx_path
+
+
+def main(argv: Optional[list] = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="csm-mlx-convert",
+        description="Convert a CSM-1b checkpoint (original Sesame or transformers format) to MLX.",
+    )
+    parser.add_argument("--hf-path", required=True, help="checkpoint directory or hub repo id (e.g. sesame/csm-1b)")
+    parser.add_argument("--mlx-path", required=True, help="new directory for the MLX model")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="bfloat16", help="weight dtype (default: bfloat16)")
+    parser.add_argument("-q", "--quantize", action="store_true", help="quantize linear and embedding weights")
+    parser.add_argument("--q-bits", type=int, default=4, help="bits per weight when quantizing: 4 or 8 (default: 4)")
+    parser.add_argument("--q-group-size", type=int, default=64, help="quantization group size (default: 64)")
+    args = parser.parse_args(argv)
+    try:
+        out = convert(args.hf_path, args.mlx_path, args.dtype, args.quantize, args.q_bits, args.q_group_size)
+    except (CheckpointError, HubError) as e:
+        print(f"csm-mlx-convert: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

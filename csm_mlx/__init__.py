@@ -1,0 +1,18 @@
+"""csm-mlx: Sesame's Conversational Speech Model (CSM-1b) on Apple MLX."""
+
+from .checkpoint import CheckpointError, load_model
+from .generation import TokenizedSegment, generate, generate_frames, make_frame_sampler, prompt_rows
+from .models import Model, ModelArgs, TransformerArgs
+
+__all__ = [
+    "CheckpointError",
+    "Model",
+    "ModelArgs",
+    "TokenizedSegment",
+    "TransformerArgs",
+    "generate",
+    "generate_frames",
+    "load_model",
+    "make_frame_sampler",
+    "prompt_rows",
+]

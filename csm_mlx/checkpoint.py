@@ -1,0 +1,224 @@
+"""Reading CSM checkpoints (original Sesame, transformers, or converted MLX) and writing MLX ones."""
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from .models import FLAVORS, Model, ModelArgs, TransformerArgs
+
+MLX_MODEL_TYPE = "csm_mlx"
+DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read as CSM; the message says what to do."""
+
+
+def _read_json(path: Path) -> Dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(
+            f"{path.parent} has no config.json: point to a csm-1b checkpoint directory "
+            "(original, transformers or converted MLX)"
+        ) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}): download it again") from None
+
+
+def _transformer_args_from_hf(cfg: Dict[str, Any]) -> TransformerArgs:
+    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling")
+    theta = cfg.get("rope_theta") or (rope or {}).get("rope_theta", 500_000.0)
+    if rope is not None and (rope.get("rope_type") or rope.get("type")) in (None, "default"):
+        rope = None
+    if rope is not None:
+        rope = {k: v for k, v in rope.items() if k != "rope_theta"}
+    return TransformerArgs(
+        num_layers=cfg["num_hidden_layers"],
+        hidden_size=cfg["hidden_size"],
+        num_heads=cfg["num_attention_heads"],
+        num_kv_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
+        intermediate_size=cfg["intermediate_size"],
+        head_dim=cfg.get("head_dim"),
+        max_seq_len=cfg.get("max_position_embeddings", 2048),
+        norm_eps=cfg.get("rms_norm_eps", 1e-5),
+        rope_theta=theta,
+        rope_scaling=rope,
+    )
+
+
+def read_config(path: Path) -> Tuple[str, ModelArgs, Dict[str, Any]]:
+    """Return (format, model args, config) for a checkpoint directory.
+
+    format is "original", "transformers" or "mlx"."""
+    cfg = _read_json(path / "config.json")
+    try:
+        if cfg.get("model_type") == MLX_MODEL_TYPE:
+            return "mlx", ModelArgs.from_dict(cfg["model"]), cfg
+        if cfg.get("model_type") == "csm":
+            dd = cfg["depth_decoder_config"]
+            args = ModelArgs(
+                backbone=_transformer_args_from_hf(cfg),
+                decoder=_transformer_args_from_hf(dd),
+                text_vocab_size=cfg["text_vocab_size"],
+                audio_vocab_size=cfg.get("vocab_size", 2051),
+                audio_num_codebooks=cfg.get("num_codebooks", 32),
+            )
+            return "transformers", args, cfg
+        if "backbone_flavor" in cfg:
+            for flavor in (cfg["backbone_flavor"], cfg["decoder_flavor"]):
+                if flavor not in FLAVORS:
+                    raise CheckpointError(
+                        f"{path}/config.json names the unknown flavor {flavor!r} "
+                        f"(known: {', '.join(FLAVORS)})"
+                    )
+            args = ModelArgs.from_flavors(
+                cfg["backbone_flavor"],
+                cfg["decoder_flavor"],
+                text_vocab_size=cfg["text_vocab_size"],
+                audio_vocab_size=cfg["audio_vocab_size"],
+                audio_num_codebooks=cfg["audio_num_codebooks"],
+            )
+            return "original", args, cfg
+    except (KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}/config.json lacks the field {e}: it is not a complete CSM config") from None
+    raise CheckpointError(
+        f"{path}/config.json is not a CSM checkpoint (expected the original Sesame config "
+        "with backbone_flavor, a transformers config with model_type 'csm', or a csm-mlx conversion)"
+    )
+
+
+def read_weights(path: Path) -> Dict[str, mx.array]:
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{path} has no *.safetensors weights: the download is incomplete")
+    weights = {}
+    for f in files:
+        try:
+            weights.update(mx.load(str(f)))
+        except Exception as e:  # MLX raises bare RuntimeError/ValueError for bad files
+            raise CheckpointError(
+                f"{f} cannot be read as safetensors ({e}): it is truncated or corrupt, download it again"
+            ) from None
+    return weights
+
+
+def _check_weights(model: Model, weights: Dict[str, mx.array], path: Path) -> None:
+    expected = dict(tree_flatten(model.parameters()))
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    wrong = [
+        f"{k} {tuple(weights[k].shape)} (expected {tuple(v.shape)})"
+        for k, v in expected.items()
+        if k in weights and weights[k].shape != v.shape
+    ]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing (first: {missing[0]})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected (first: {unexpected[0]})")
+    if wrong:
+        problems.append(f"{len(wrong)} with the wrong shape (first: {wrong[0]})")
+    if problems:
+        raise CheckpointError(
+            f"weights in {path} do not match its config.json: {'; '.join(problems)}"
+        )
+
+
+def _is_quantizable(group_size: int):
+    def predicate(_, module):
+        return hasattr(module, "to_quantized") and module.weight.shape[-1] % group_size == 0
+
+    return predicate
+
+
+def load_model(
+    path: os.PathLike, dtype: Optional[str] = None, lazy: bool = False
+) -> Tuple[Model, Dict[str, Any]]:
+    """Build a Model from a local checkpoint directory in any supported format.
+
+    dtype ("float32", "bfloat16", "float16") casts float weights of an
+    unquantized checkpoint; None keeps them as stored. Returns (model, info),
+    info holding "format", "dtype" and "quantization".
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"model directory {path} does not exist")
+    fmt, args, cfg = read_config(path)
+    model = Model(args)
+    weights = model.sanitize(read_weights(path))
+    quantization = cfg.get("quantization") if fmt == "mlx" else None
+    if quantization:
+        nn.quantize(
+            model,
+            group_size=quantization["group_size"],
+            bits=quantization["bits"],
+            class_predicate=lambda p, m: f"{p}.scales" in weights,
+        )
+    _check_weights(model, weights, path)
+    if dtype is not None:
+        if dtype not in DTYPES:
+            raise CheckpointError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+        if quantization and dtype != cfg.get("dtype"):
+            raise CheckpointError(
+                f"{path} is quantized in {cfg.get('dtype')}: load it without a dtype or convert again"
+            )
+        weights = {
+            k: v.astype(DTYPES[dtype]) if mx.issubdtype(v.dtype, mx.floating) else v
+            for k, v in weights.items()
+        }
+    model.load_weights(list(weights.items()))
+    if not lazy:
+        mx.eval(model.parameters())
+    info = {
+        "format": fmt,
+        "dtype": str(weights["backbone.norm.weight"].dtype).split(".")[-1],
+        "quantization": quantization,
+    }
+    return model, info
+
+
+def quantize(model: Model, bits: int, group_size: int) -> None:
+    if bits not in (4, 8):
+        raise CheckpointError(f"--q-bits {bits} is not supported: use 4 or 8")
+    if group_size not in (32, 64, 128):
+        raise CheckpointError(f"--q-group-size {group_size} is not supported: use 32, 64 or 128")
+    nn.quantize(model, group_size=group_size, bits=bits, class_predicate=_is_quantizable(group_size))
+
+
+def save_model(model: Model, path: os.PathLike, dtype: str, quantization: Optional[dict]) -> None:
+    """Write config.json + model.safetensors into a new directory, atomically.
+
+    The files are written into a temporary sibling that is renamed into place,
+    so an interrupted conversion never leaves a half-written model behind."""
+    path = Path(path)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise CheckpointError(f"{path} already exists: choose a new --mlx-path or remove it first")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        config = {
+            "model_type": MLX_MODEL_TYPE,
+            "model": model.args.to_dict(),
+            "dtype": dtype,
+            "quantization": quantization,
+        }
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        mx.save_safetensors(
+            str(tmp / "model.safetensors"),
+            dict(tree_flatten(model.parameters())),
+            metadata={"format": "mlx"},
+        )
+        if path.exists():
+            path.rmdir()
+        tmp.rename(path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

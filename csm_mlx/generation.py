@@ -1,0 +1,145 @@
+"""Prompt rows and the frame loop: backbone -> codebook 0 -> 31 depth-decoder steps -> next frame."""
+
+from dataclasses import dataclass
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
+
+import mlx.core as mx
+import numpy as np
+from mlx_lm.sample_utils import make_sampler
+
+from .models import Model
+
+# A Mimi codebook has 2048 entries; ids 2048..2050 of the 2051-id audio vocabulary
+# are not audio, so they are never sampled (Mimi would fail on them).
+AUDIO_CODES = 2048
+FRAME_MS = 80
+
+Sampler = Callable[[mx.array], mx.array]
+
+
+@dataclass
+class TokenizedSegment:
+    """One context turn: its text token ids and, optionally, its Mimi codes (32, T)."""
+
+    text_tokens: Sequence[int]
+    audio_codes: Optional[np.ndarray] = None
+
+
+def text_rows(text_tokens: Sequence[int], n_codebooks: int = 32) -> Tuple[np.ndarray, np.ndarray]:
+    tokens = np.zeros((len(text_tokens), n_codebooks + 1), np.int32)
+    mask = np.zeros(tokens.shape, bool)
+    tokens[:, -1] = text_tokens
+    mask[:, -1] = True
+    return tokens, mask
+
+
+def audio_rows(codes: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Rows for Mimi codes (32, T): one per frame, then the all-zero end-of-audio row."""
+    n_codebooks, n_frames = codes.shape
+    tokens = np.zeros((n_frames + 1, n_codebooks + 1), np.int32)
+    mask = np.zeros(tokens.shape, bool)
+    tokens[:n_frames, :-1] = codes.T
+    mask[:, :-1] = True
+    return tokens, mask
+
+
+def prompt_rows(
+    context: Sequence[TokenizedSegment], text_tokens: Sequence[int], n_codebooks: int = 32
+) -> Tuple[np.ndarray, np.ndarray]:
+    """The reference prompt: each context segment's text rows then audio rows, then the new text."""
+    parts = []
+    for segment in context:
+        parts.append(text_rows(segment.text_tokens, n_codebooks))
+        if segment.audio_codes is not None:
+            parts.append(audio_rows(np.asarray(segment.audio_codes)))
+    parts.append(text_rows(text_tokens, n_codebooks))
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def make_frame_sampler(
+    temperature: float = 0.9, top_k: int = 50, top_p: float = 0.0, min_p: float = 0.0
+) -> Sampler:
+    """A sampler over the decodable audio ids, used for all codebooks (as the reference does).
+
+    temperature 0 is greedy. Filters are mlx-lm's; they expect log-probabilities."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_k < 0 or not 0 <= top_p <= 1 or not 0 <= min_p <= 1:
+        raise ValueError("top_k must be >= 0 and top_p, min_p within [0, 1]")
+    sample = make_sampler(temp=temperature, top_p=top_p, min_p=min_p, top_k=top_k)
+
+    def sampler(logits: mx.array) -> mx.array:
+        logits = logits[..., :AUDIO_CODES].astype(mx.float32)
+        return sample(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
+
+    return sampler
+
+
+def decode_frame(model: Model, h: mx.array, sampler: Sampler) -> mx.array:
+    """Codes (B, 32) of one frame from the backbone's last hidden state h (B, D)."""
+    c = sampler(model.codebook0_head(h))
+    codes = [c]
+    cache = model.decoder.make_cache()
+    x = mx.stack([h, model.embed_audio(0, c)], axis=1)
+    for k in range(1, model.args.audio_num_codebooks):
+        d = model.decoder(model.projection(x), cache)[:, -1]
+        c = sampler(model.codebook_logits(k, d))
+        codes.append(c)
+        x = model.embed_audio(k, c)[:, None]
+    return mx.stack(codes, axis=1)
+
+
+def generate_frames(
+    model: Model,
+    tokens: np.ndarray,
+    mask: np.ndarray,
+    sampler: Sampler,
+    max_frames: int,
+) -> Iterator[np.ndarray]:
+    """Yield frames (32,) int codes until the end-of-speech frame or max_frames.
+
+    End of speech is the reference's: a frame whose codes are all zero, not
+    yielded. The next frame is queued before the current one is read back, so
+    the device never waits for the host between frames.
+    """
+    limit = model.args.backbone.max_seq_len
+    if len(tokens) + max_frames > limit:
+        raise ValueError(
+            f"prompt of {len(tokens)} rows plus {max_frames} frames exceeds the model's "
+            f"{limit}-row window: shorten the context or the maximum audio length"
+        )
+    cache = model.backbone.make_cache()
+    h = model.backbone(model.embed_rows(mx.array(tokens)[None], mx.array(mask)[None]), cache)
+    frame = decode_frame(model, h[:, -1], sampler)
+    mx.async_eval(frame)
+    for i in range(max_frames):
+        if i + 1 < max_frames:
+            h = model.backbone(model.embed_frames(frame[:, None]), cache)
+            next_frame = decode_frame(model, h[:, -1], sampler)
+            mx.async_eval(next_frame)
+        codes = np.array(frame[0])
+        if not codes.any():
+            return
+        yield codes
+        frame = next_frame
+
+
+def generate(
+    model: Model,
+    text_tokens: Sequence[int],
+    context: Sequence[TokenizedSegment] = (),
+    *,
+    max_frames: int = 125,
+    temperature: float = 0.9,
+    top_k: int = 50,
+    top_p: float = 0.0,
+    min_p: float = 0.0,
+    seed: Optional[int] = None,
+) -> np.ndarray:
+    """Generate Mimi codes (32, T) for text_tokens spoken after the context."""
+    if seed is not None:
+        mx.random.seed(seed)
+    tokens, mask = prompt_rows(context, text_tokens, model.args.audio_num_codebooks)
+    sampler = make_frame_sampler(temperature, top_k, top_p, min_p)
+    frames: List[np.ndarray] = list(generate_frames(model, tokens, mask, sampler, max_frames))
+    return np.stack(frames, axis=1) if frames else np.zeros((model.args.audio_num_codebooks, 0), np.int32)

@@ -1,0 +1,3 @@
+from .csm import FLAVORS, LLAMA3_ROPE_SCALING, Model, ModelArgs, TransformerArgs
+
+__all__ = ["FLAVORS", "LLAMA3_ROPE_SCALING", "Model", "ModelArgs", "TransformerArgs"]

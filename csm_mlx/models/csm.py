@@ -1,0 +1,241 @@
+"""CSM: a Llama backbone over interleaved text/audio rows and a Llama depth decoder
+over the codebooks of one frame.
+
+Both stacks are mlx-lm's Llama blocks. The one RoPE convention used inside is
+rotate-half (``traditional=False``); the original Sesame checkpoint rotates
+interleaved pairs, so its q/k rows are permuted once in ``sanitize``.
+"""
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models import llama
+from mlx_lm.models.base import create_attention_mask
+from mlx_lm.models.cache import KVCache
+
+# torchtune's Llama-3.2 RoPE scaling, which both original flavors use.
+LLAMA3_ROPE_SCALING = {
+    "rope_type": "llama3",
+    "factor": 32.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
+
+
+@dataclass
+class TransformerArgs:
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    intermediate_size: int
+    head_dim: Optional[int] = None
+    max_seq_len: int = 2048
+    norm_eps: float = 1e-5
+    rope_theta: float = 500_000.0
+    rope_scaling: Optional[Dict[str, Any]] = field(
+        default_factory=lambda: dict(LLAMA3_ROPE_SCALING)
+    )
+
+    def __post_init__(self):
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_heads
+
+
+# The original checkpoint's config names flavors only; tests register tiny ones.
+FLAVORS: Dict[str, TransformerArgs] = {
+    "llama-1B": TransformerArgs(16, 2048, 32, 8, 8192),
+    "llama-100M": TransformerArgs(4, 1024, 8, 2, 8192),
+}
+
+
+@dataclass
+class ModelArgs:
+    backbone: TransformerArgs
+    decoder: TransformerArgs
+    text_vocab_size: int = 128_256
+    audio_vocab_size: int = 2051
+    audio_num_codebooks: int = 32
+
+    @classmethod
+    def from_flavors(cls, backbone: str, decoder: str, **kw) -> "ModelArgs":
+        return cls(FLAVORS[backbone], FLAVORS[decoder], **kw)
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "ModelArgs":
+        d = dict(d)
+        return cls(
+            backbone=TransformerArgs(**d.pop("backbone")),
+            decoder=TransformerArgs(**d.pop("decoder")),
+            **d,
+        )
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+
+class Transformer(nn.Module):
+    """A stack of Llama blocks and a final norm; no embedding, no head."""
+
+    def __init__(self, args: TransformerArgs):
+        super().__init__()
+        block_args = llama.ModelArgs(
+            model_type="llama",
+            hidden_size=args.hidden_size,
+            num_hidden_layers=args.num_layers,
+            intermediate_size=args.intermediate_size,
+            num_attention_heads=args.num_heads,
+            num_key_value_heads=args.num_kv_heads,
+            head_dim=args.head_dim,
+            rms_norm_eps=args.norm_eps,
+            vocab_size=0,
+            max_position_embeddings=args.max_seq_len,
+            rope_theta=args.rope_theta,
+            rope_scaling=args.rope_scaling,
+        )
+        self.layers = [llama.TransformerBlock(block_args) for _ in range(args.num_layers)]
+        self.norm = nn.RMSNorm(args.hidden_size, eps=args.norm_eps)
+
+    def __call__(self, x: mx.array, cache: Optional[List[Any]] = None) -> mx.array:
+        cache = cache or [None] * len(self.layers)
+        mask = create_attention_mask(x, cache[0])
+        for layer, c in zip(self.layers, cache):
+            x = layer(x, mask, c)
+        return self.norm(x)
+
+    def make_cache(self) -> List[KVCache]:
+        return [KVCache() for _ in self.layers]
+
+
+class Model(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        dim, dec_dim = args.backbone.hidden_size, args.decoder.hidden_size
+        vocab, n_codebooks = args.audio_vocab_size, args.audio_num_codebooks
+        self.backbone = Transformer(args.backbone)
+        self.decoder = Transformer(args.decoder)
+        self.text_embeddings = nn.Embedding(args.text_vocab_size, dim)
+        self.audio_embeddings = nn.Embedding(vocab * n_codebooks, dim)
+        self.projection = nn.Linear(dim, dec_dim, bias=False)
+        self.codebook0_head = nn.Linear(dim, vocab, bias=False)
+        self.audio_head = mx.zeros((n_codebooks - 1, dec_dim, vocab))
+        self._codebook_offsets = mx.arange(n_codebooks) * vocab
+
+    def embed_rows(self, tokens: mx.array, mask: mx.array) -> mx.array:
+        """Backbone inputs for prompt rows: (B, S, 33) ids and mask -> (B, S, D)."""
+        audio = self.audio_embeddings(tokens[..., :-1] + self._codebook_offsets)
+        text = self.text_embeddings(tokens[..., -1])
+        mask = mask.astype(audio.dtype)
+        return (audio * mask[..., :-1, None]).sum(axis=-2) + text * mask[..., -1:]
+
+    def embed_frames(self, codes: mx.array) -> mx.array:
+        """Backbone inputs for generated frames: (B, T, 32) codes -> (B, T, D).
+
+        A frame row has every audio column on and the text column off, so the
+        row is just the sum of its codebook embeddings."""
+        return self.audio_embeddings(codes + self._codebook_offsets).sum(axis=-2)
+
+    def embed_audio(self, codebook: int, codes: mx.array) -> mx.array:
+        return self.audio_embeddings(codes + codebook * self.args.audio_vocab_size)
+
+    def codebook_logits(self, codebook: int, decoder_hidden: mx.array) -> mx.array:
+        return decoder_hidden @ self.audio_head[codebook - 1]
+
+    def teacher_forced_logits(
+        self, tokens: mx.array, mask: mx.array, frames: mx.array
+    ) -> mx.array:
+        """Logits for every codebook of ``frames`` given the prompt and the frames before.
+
+        tokens, mask: (B, S, 33) prompt rows; frames: (B, T, 32).
+        Returns (B, T, 32, vocab): [:, t, 0] from the backbone state after the
+        prompt and frames < t; [:, t, k] from that state and codes 0..k-1 of frame t.
+        """
+        B, T, K = frames.shape
+        x = mx.concatenate([self.embed_rows(tokens, mask), self.embed_frames(frames[:, :-1])], axis=1)
+        h = self.backbone(x)[:, tokens.shape[1] - 1 :]
+        c0_logits = self.codebook0_head(h)
+
+        codes = self.audio_embeddings(frames[..., :-1] + self._codebook_offsets[:-1])
+        depth_in = mx.concatenate([h[:, :, None], codes], axis=2).reshape(B * T, K, -1)
+        depth_h = self.decoder(self.projection(depth_in))[:, 1:]
+        rest = mx.einsum("nkd,kdv->nkv", depth_h, self.audio_head)
+        return mx.concatenate([c0_logits[:, :, None], rest.reshape(B, T, K - 1, -1)], axis=2)
+
+    def sanitize(self, weights: Dict[str, mx.array]) -> Dict[str, mx.array]:
+        """Map a checkpoint in either hub format (or already ours) onto this model's keys."""
+        if any(k.startswith("backbone_model.") for k in weights):
+            return _from_transformers(weights)
+        if any(".attn.q_proj." in k for k in weights):
+            return _from_original(weights, self.args)
+        return weights
+
+
+_TRANSFORMERS_PREFIXES = [
+    ("backbone_model.embed_tokens.embed_audio_tokens.", "audio_embeddings."),
+    ("backbone_model.", "backbone."),
+    ("depth_decoder.model.inputs_embeds_projector.", "projection."),
+    ("depth_decoder.model.", "decoder."),
+    ("depth_decoder.codebooks_head.weight", "audio_head"),
+    ("embed_text_tokens.", "text_embeddings."),
+    ("lm_head.", "codebook0_head."),
+]
+
+# transformers ties the backbone's audio embeddings to the depth decoder's
+# embed_tokens and may save either name; full checkpoints also carry the Mimi
+# codec, which is not part of this model.
+_TIED_AUDIO_EMBEDDINGS = "depth_decoder.model.embed_tokens.weight"
+
+
+def _from_transformers(weights):
+    out = {}
+    if "backbone_model.embed_tokens.embed_audio_tokens.weight" not in weights and _TIED_AUDIO_EMBEDDINGS in weights:
+        out["audio_embeddings.weight"] = weights[_TIED_AUDIO_EMBEDDINGS]
+    for key, value in weights.items():
+        if key == _TIED_AUDIO_EMBEDDINGS or key.startswith("codec_model.") or "rotary_emb" in key:
+            continue
+        for old, new in _TRANSFORMERS_PREFIXES:
+            if key.startswith(old):
+                key = new + key[len(old) :]
+                break
+        out[key] = value
+    return out
+
+
+_ORIGINAL_RENAMES = [
+    (".attn.output_proj.", ".self_attn.o_proj."),
+    (".attn.", ".self_attn."),
+    (".mlp.w1.", ".mlp.gate_proj."),
+    (".mlp.w2.", ".mlp.down_proj."),
+    (".mlp.w3.", ".mlp.up_proj."),
+    (".sa_norm.scale", ".input_layernorm.weight"),
+    (".mlp_norm.scale", ".post_attention_layernorm.weight"),
+    ("norm.scale", "norm.weight"),
+]
+
+
+def interleaved_to_rotate_half(w: mx.array, n_heads: int) -> mx.array:
+    """Reorder q/k projection rows so rotate-half RoPE computes what interleaved RoPE did.
+
+    Row h*d + 2i + j (head h, pair i, member j) moves to h*d + j*d/2 + i.
+    """
+    out_dim, in_dim = w.shape
+    d = out_dim // n_heads
+    return w.reshape(n_heads, d // 2, 2, in_dim).swapaxes(1, 2).reshape(out_dim, in_dim)
+
+
+def _from_original(weights, args: ModelArgs):
+    out = {}
+    for key, value in weights.items():
+        for old, new in _ORIGINAL_RENAMES:
+            key = key.replace(old, new)
+        stack = args.backbone if key.startswith("backbone.") else args.decoder
+        if key.endswith("self_attn.q_proj.weight"):
+            value = interleaved_to_rotate_half(value, stack.num_heads)
+        elif key.endswith("self_attn.k_proj.weight"):
+            value = interleaved_to_rotate_half(value, stack.num_kv_heads)
+        out[key] = value
+    return out
