@@ -1,11 +1,15 @@
 """csm-mlx: Sesame's Conversational Speech Model (CSM-1b) on Apple MLX."""
 
 from .checkpoint import CheckpointError, load_model
+from .generator import CSM, Segment, Speech
 from .generation import TokenizedSegment, generate, generate_frames, make_frame_sampler, prompt_rows
 from .models import Model, ModelArgs, TransformerArgs
 
 __all__ = [
+    "CSM",
     "CheckpointError",
+    "Segment",
+    "Speech",
     "Model",
     "ModelArgs",
     "TokenizedSegment",

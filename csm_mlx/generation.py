@@ -135,11 +135,18 @@ def generate(
     top_p: float = 0.0,
     min_p: float = 0.0,
     seed: Optional[int] = None,
+    on_frame: Optional[Callable[[int], None]] = None,
 ) -> np.ndarray:
-    """Generate Mimi codes (32, T) for text_tokens spoken after the context."""
-    if seed is not None:
-        mx.random.seed(seed)
+    """Generate Mimi codes (32, T) for text_tokens spoken after the context.
+
+    on_frame(n) is called after the n-th frame (for progress displays)."""
     tokens, mask = prompt_rows(context, text_tokens, model.args.audio_num_codebooks)
     sampler = make_frame_sampler(temperature, top_k, top_p, min_p)
-    frames: List[np.ndarray] = list(generate_frames(model, tokens, mask, sampler, max_frames))
+    if seed is not None:
+        mx.random.seed(seed)
+    frames: List[np.ndarray] = []
+    for frame in generate_frames(model, tokens, mask, sampler, max_frames):
+        frames.append(frame)
+        if on_frame is not None:
+            on_frame(len(frames))
     return np.stack(frames, axis=1) if frames else np.zeros((model.args.audio_num_codebooks, 0), np.int32)

@@ -1,6 +1,14 @@
+import atexit
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# huggingface_hub reads these at import: every test runs against a local hub cache, offline.
+HUB_CACHE = Path(tempfile.mkdtemp(prefix="csm-mlx-hub-"))
+atexit.register(shutil.rmtree, HUB_CACHE, True)
+os.environ["HF_HUB_CACHE"] = str(HUB_CACHE)
+os.environ["HF_HUB_OFFLINE"] = "1"
 
 import numpy as np
 import pytest
@@ -15,6 +23,7 @@ from csm_fixtures import (
     transformers_reference,
     write_original,
 )
+from speech_fixtures import add_to_hub_cache, make_mimi, make_tokenizer, write_voice
 
 torch.set_num_threads(2)
 hf_logging.set_verbosity_error()
@@ -46,3 +55,29 @@ def transformers_dir(tmp_path_factory, reference):
 @pytest.fixture(scope="session")
 def text_tokens():
     return np.random.default_rng(1).integers(0, TINY_ARGS.text_vocab_size, 12).tolist()
+
+
+@pytest.fixture(scope="session")
+def tokenizer_path(tmp_path_factory):
+    return make_tokenizer(tmp_path_factory.mktemp("tokenizer") / "tokenizer.json")
+
+
+@pytest.fixture(scope="session")
+def mimi_path(tmp_path_factory):
+    return make_mimi(tmp_path_factory.mktemp("mimi") / "tokenizer-e351c8d8-checkpoint125.safetensors")
+
+
+@pytest.fixture(scope="session")
+def hub_cache(transformers_dir, tokenizer_path, mimi_path, tmp_path_factory):
+    """The default repos in the local hub cache: sesame/csm-1b as the hub serves it
+    (transformers format, tokenizer.json, voice prompts) and Mimi from kyutai."""
+    voices = tmp_path_factory.mktemp("voices")
+    add_to_hub_cache(HUB_CACHE, "sesame/csm-1b", {
+        "config.json": transformers_dir / "config.json",
+        "model.safetensors": transformers_dir / "model.safetensors",
+        "tokenizer.json": tokenizer_path,
+        "prompts/conversational_a.wav": write_voice(voices / "a.wav", seed=1),
+        "prompts/conversational_b.wav": write_voice(voices / "b.wav", seed=2),
+    })
+    add_to_hub_cache(HUB_CACHE, "kyutai/moshiko-pytorch-bf16", {mimi_path.name: mimi_path})
+    return HUB_CACHE

@@ -1,0 +1,189 @@
+"""Text to speech end to end: tokenizer, Mimi through rustymimi, hub loading, the CLI and the API."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rustymimi
+import soundfile as sf
+import soxr
+
+from csm_mlx import CSM, Segment, TokenizedSegment, generate
+from csm_mlx.cli.main import main as cli_main
+from csm_mlx.codec import Mimi
+from csm_mlx.generator import VOICES
+from csm_mlx.hub import HubError
+from csm_mlx.tokenizer import TextTokenizer
+
+CLI = str(Path(sys.executable).parent / "csm-mlx")
+FRAMES = 6
+SHORT = ["--max-audio-length-ms", str(FRAMES * 80)]
+
+
+@pytest.fixture(scope="module")
+def csm(hub_cache):
+    return CSM.load()
+
+
+def rustymimi_decode(mimi_path, codes):
+    return rustymimi.Tokenizer(str(mimi_path), num_codebooks=32).decode(np.ascontiguousarray(codes[None], np.uint32))[0, 0]
+
+
+def rustymimi_encode(mimi_path, audio):
+    pcm = np.ascontiguousarray(audio, np.float32).reshape(1, 1, -1)
+    return rustymimi.Tokenizer(str(mimi_path), num_codebooks=32).encode(pcm)[0]
+
+
+@pytest.mark.parametrize("speaker, text", [(0, "Hello"), (1, "Hello from MLX. How are you today?"),
+                                           (12, "  Numbers like 3.14, \"quotes\" and émigré ünïcode…"), (0, "[1] nested tag")])
+def test_tokenizer_framing_matches_reference(tokenizer_path, speaker, text):
+    from transformers import PreTrainedTokenizerFast
+
+    ref = PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_path), bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>")
+    expected = [ref.bos_token_id] + ref.encode(f"[{speaker}]{text}", add_special_tokens=False) + [ref.eos_token_id]
+    assert TextTokenizer(tokenizer_path).encode(text, speaker) == expected
+    assert expected[0] == 0 and expected[-1] == 1  # this tokenizer's own ids, not Llama-3's 128000/128001
+
+
+def test_mimi_decode_and_stream_match_rustymimi(mimi_path):
+    codes = np.random.default_rng(0).integers(0, 2048, (32, 5))
+    mimi = Mimi(mimi_path)
+    audio = mimi.decode(codes)
+    assert audio.shape == (5 * 1920,) and audio.dtype == np.float32
+    np.testing.assert_array_equal(audio, rustymimi_decode(mimi_path, codes))
+    mimi.reset()
+    streamed = np.concatenate([mimi.decode_step(codes[:, :2]), mimi.decode_step(codes[:, 2:])])
+    assert np.abs(streamed - audio).max() <= 1e-5
+    # the random decoder must depend on the codes, or these comparisons prove little
+    assert np.abs(mimi.decode(codes[:, ::-1]) - audio).max() > 0.01
+
+
+def test_cli_writes_the_decoded_audio(hub_cache, mimi_path, tmp_path, csm):
+    out = tmp_path / "out.wav"
+    env = {**os.environ, "HF_HUB_CACHE": str(hub_cache), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([CLI, "Hello", "--speaker", "0", "-o", str(out), "--seed", "3", *SHORT],
+                            capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "RTF" in result.stderr and "peak memory" in result.stderr
+    audio, rate = sf.read(out, dtype="float32", always_2d=True)
+    assert rate == 24_000 and audio.shape == (FRAMES * 1920, 1)
+
+    speech = csm.generate("Hello", 0, max_audio_length_ms=FRAMES * 80, seed=3)
+    assert speech.codes.shape == (32, FRAMES)
+    np.testing.assert_array_equal(audio[:, 0], rustymimi_decode(mimi_path, speech.codes))
+
+
+def test_context_audio_any_rate_and_channels(csm, mimi_path, tmp_path):
+    rng = np.random.default_rng(5)
+    n = 44_100 * 3 // 4
+    stereo = np.stack([np.sin(np.arange(n) * 0.05), rng.uniform(-0.5, 0.5, n)], axis=1).astype(np.float32) * 0.5
+    path = tmp_path / "context.wav"
+    sf.write(path, stereo, 44_100)
+
+    from csm_mlx.audio import read_audio
+
+    mono_24k = soxr.resample(stereo.mean(axis=1), 44_100, 24_000, quality="HQ")
+    expected_codes = rustymimi_encode(mimi_path, mono_24k)
+    segment = csm.tokenize(Segment(1, "what you said", read_audio(path)))
+    np.testing.assert_array_equal(segment.audio_codes, expected_codes)
+    assert segment.audio_codes.shape == (32, -(-len(mono_24k) // 1920))
+
+    # what reaches the model: the same greedy frames as a prompt built by hand from those codes
+    via_api = csm.generate("reply", 0, [Segment(1, "what you said", read_audio(path))],
+                           max_audio_length_ms=FRAMES * 80, temperature=0).codes
+    by_hand = generate(csm.model, csm.tokenizer.encode("reply", 0),
+                       [TokenizedSegment(csm.tokenizer.encode("what you said", 1), expected_codes)],
+                       max_frames=FRAMES, temperature=0)
+    np.testing.assert_array_equal(via_api, by_hand)
+
+
+def run_cli(*args):
+    """The CLI in-process (same code path as the command, minus interpreter start-up)."""
+    return cli_main([str(a) for a in args])
+
+
+def test_same_seed_same_audio_and_every_flag_changes_it(hub_cache, tmp_path):
+    def audio(name, *flags):
+        out = tmp_path / f"{name}.wav"
+        assert run_cli("Hello there", "-q", "-o", out, *SHORT, *flags) == 0
+        return sf.read(out, dtype="float32")[0]
+
+    base = audio("base", "--seed", 1)
+    np.testing.assert_array_equal(base, audio("again", "--seed", 1))
+    for flags in (["--seed", 2], ["--seed", 1, "--temperature", 1.6], ["--seed", 1, "--top-k", 3],
+                  ["--seed", 1, "--top-p", 0.3], ["--seed", 1, "--min-p", 0.3], ["--seed", 1, "--speaker", 4]):
+        assert not np.array_equal(base, audio("x", *flags)), flags
+
+
+def test_voice_preset_uses_the_repo_prompt(csm, hub_cache):
+    segment = csm.voice("conversational_b", speaker=1)
+    assert segment.speaker == 1 and segment.text == VOICES["conversational_b"]
+    assert segment.audio.shape == (12_000,)  # the 0.5 s prompt in the cache, at 24 kHz
+    plain = csm.generate("Hi", 1, max_audio_length_ms=FRAMES * 80, temperature=0).codes
+    voiced = csm.generate("Hi", 1, [segment], max_audio_length_ms=FRAMES * 80, temperature=0).codes
+    assert not np.array_equal(plain, voiced)
+
+
+def test_conversation_file(hub_cache, tmp_path):
+    sf.write(tmp_path / "turn1.wav", np.zeros(4800, np.float32), 16_000)
+    (tmp_path / "chat.yaml").write_text("- {speaker: 0, text: 'Hi there', audio: turn1.wav}\n- {speaker: 1, text: 'Hello'}\n")
+    assert run_cli("How are you?", "-q", "-o", tmp_path / "out.flac", "--conversation", tmp_path / "chat.yaml", *SHORT) == 0
+    audio, rate = sf.read(tmp_path / "out.flac")
+    assert rate == 24_000 and len(audio) == FRAMES * 1920
+
+
+def assert_clean_failure(capsys, code, out, *fragments):
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    for fragment in fragments:
+        assert fragment in err[0], err[0]
+    assert not out.exists()
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}")]
+
+
+def test_bad_input(hub_cache, tmp_path, capsys):
+    out = tmp_path / "out.wav"
+    (tmp_path / "corrupt.wav").write_bytes(b"RIFF\x00\x00garbage")
+    cases = [
+        (["   ", "-o", out], "text is empty"),
+        (["Hi", "-o", out, "--context-audio", tmp_path / "corrupt.wav", "--context-text", "x"], "cannot read audio file"),
+        (["Hi", "-o", out, "--context-audio", tmp_path / "missing.wav", "--context-text", "x"], "missing.wav does not exist"),
+        (["Hi", "-o", out, "--model", tmp_path / "no-model"], "model directory"),
+        (["Hi", "-o", out, "--speaker", "-1"], "must be a non-negative integer"),
+        (["Hi", "-o", out, "--speaker", "one"], "must be a non-negative integer"),
+        (["Hi", "-o", out, "--context-text", "word " * 2100, "--context-audio", tmp_path / "short.wav"], "2048-row window"),
+        (["Hi", "-o", out, "--temperature", "-1"], "temperature"),
+    ]
+    sf.write(tmp_path / "short.wav", np.zeros(2400, np.float32), 24_000)
+    for argv, fragment in cases:
+        try:
+            code = run_cli(*argv)
+        except SystemExit as e:  # argparse's own errors
+            code = e.code
+        assert_clean_failure(capsys, code, out, fragment)
+
+
+def test_unwritable_output_is_refused_before_loading(tmp_path, capsys):
+    # the model does not exist either: the output check must come first
+    missing_dir = tmp_path / "no" / "such" / "dir" / "out.wav"
+    assert run_cli("Hi", "-o", missing_dir, "--model", tmp_path / "nothing") == 2
+    assert f"directory {missing_dir.parent} does not exist" in capsys.readouterr().err
+    readonly = tmp_path / "ro"
+    readonly.mkdir()
+    readonly.chmod(0o500)
+    code = run_cli("Hi", "-o", readonly / "out.wav", "--model", tmp_path / "nothing")
+    readonly.chmod(0o700)
+    err = capsys.readouterr().err
+    if os.geteuid() != 0:  # root may write anywhere
+        assert code == 2 and "permission denied" in err
+    assert run_cli("Hi", "-o", tmp_path / "out.mp3") == 2
+    assert "must end in .wav or .flac" in capsys.readouterr().err
+
+
+def test_missing_tokenizer_repo_offline(tmp_path, transformers_dir, mimi_path):
+    with pytest.raises(HubError, match="unsloth/Llama-3.2-1B is not in the local hub cache"):
+        CSM.load(str(transformers_dir), mimi=mimi_path)
