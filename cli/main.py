@@ -59,18 +59,18 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("text", nargs="?", help="the text to speak (read from standard input when omitted)")
-    p.add_argument("-o", "--output", help="output audio file, .wav or .flac (24 kHz mono)")
-    p.add_argument("--speaker", type=non_negative_int, default=0, help="speaker id of the new turn (default: 0)")
+    p.add_argument("-o", "--output", metavar="FILE", help="output audio file, .wav or .flac (24 kHz mono)")
+    p.add_argument("--speaker", type=non_negative_int, default=0, metavar="N", help="speaker id of the new turn (default: 0)")
 
     g = p.add_argument_group("model")
-    g.add_argument("--model", default=hub.DEFAULT_MODEL,
+    g.add_argument("--model", default=hub.DEFAULT_MODEL, metavar="ID_OR_DIR",
                    help=f"hub id or directory: original, transformers or converted MLX (default: {hub.DEFAULT_MODEL})")
-    g.add_argument("--tokenizer", help="path to a Llama-3.2 tokenizer.json (default: beside the model, else the hub)")
-    g.add_argument("--mimi", help="path to Mimi weights (default: beside the model, else kyutai/moshiko-pytorch-bf16)")
+    g.add_argument("--tokenizer", metavar="PATH", help="path to a Llama-3.2 tokenizer.json (default: beside the model, else the hub)")
+    g.add_argument("--mimi", metavar="PATH", help="path to Mimi weights (default: beside the model, else kyutai/moshiko-pytorch-bf16)")
     g.add_argument("--dtype", choices=list(DTYPES), help="cast an unquantized model to this dtype")
 
     g = p.add_argument_group("context (the conversation so far; it sets the voice)")
-    g.add_argument("--voice", choices=list(VOICES), help="a voice prompt of the reference demo, spoken as --speaker")
+    g.add_argument("--voice", choices=list(VOICES), metavar="NAME", help=f"voice prompt of the reference demo, spoken as --speaker: {', '.join(VOICES)}")
     g.add_argument("--context-audio", action="append", default=[], metavar="FILE", help="audio of a context turn (repeatable)")
     g.add_argument("--context-text", action="append", default=[], metavar="TEXT", help="transcript of that turn (repeatable)")
     g.add_argument("--context-speaker", action="append", default=[], type=non_negative_int, metavar="N",
@@ -78,12 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--conversation", metavar="FILE", help="JSON/YAML list of turns {speaker, text, audio}")
 
     g = p.add_argument_group("sampling")
-    g.add_argument("--max-audio-length-ms", type=float, default=10_000, help="frame cap in ms (default: 10000)")
-    g.add_argument("--temperature", type=float, default=0.9, help="0 is greedy (default: 0.9)")
-    g.add_argument("--top-k", type=int, default=50, help="0 disables (default: 50)")
-    g.add_argument("--top-p", type=float, default=0.0, help="nucleus sampling, 0 disables (default: 0)")
-    g.add_argument("--min-p", type=float, default=0.0, help="0 disables (default: 0)")
-    g.add_argument("--seed", type=int, help="seed for reproducible sampling")
+    g.add_argument("--max-audio-length-ms", type=float, default=10_000, metavar="MS", help="frame cap in ms (default: 10000)")
+    g.add_argument("--temperature", type=float, default=0.9, metavar="T", help="0 is greedy (default: 0.9)")
+    g.add_argument("--top-k", type=int, default=50, metavar="K", help="0 disables (default: 50)")
+    g.add_argument("--top-p", type=float, default=0.0, metavar="P", help="nucleus sampling, 0 disables (default: 0)")
+    g.add_argument("--min-p", type=float, default=0.0, metavar="P", help="0 disables (default: 0)")
+    g.add_argument("--seed", type=int, metavar="N", help="seed for reproducible sampling")
 
     g = p.add_mutually_exclusive_group()
     g.add_argument("-q", "--quiet", action="store_true", help="print errors only")

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Optional
 
 from csm_mlx.checkpoint import DTYPES, CheckpointError, load_model, quantize, save_model
+from csm_mlx.generator import MIMI_FILE, TOKENIZER_FILE, find_mimi, find_tokenizer
 from csm_mlx.hub import HubError, resolve_model
 
 
@@ -16,17 +17,27 @@ def convert(
     quantize_weights: bool = False,
     q_bits: int = 4,
     q_group_size: int = 64,
+    bundle: bool = False,
 ) -> Path:
-    """Convert hf_path (a directory or hub repo id) into a new MLX directory mlx_path."""
+    """Convert hf_path (a directory or hub repo id) into a new MLX directory mlx_path.
+
+    bundle also copies the tokenizer, the Mimi weights and the voice prompts into it, so
+    that the directory alone serves an offline app."""
     mlx_path = Path(mlx_path)
     if mlx_path.exists() and (not mlx_path.is_dir() or any(mlx_path.iterdir())):
         raise CheckpointError(f"{mlx_path} already exists: choose a new --mlx-path or remove it first")
-    model, _ = load_model(resolve_model(hf_path), dtype=dtype)
+    source = resolve_model(hf_path)
+    extra_files = {}
+    if bundle:
+        extra_files[TOKENIZER_FILE] = find_tokenizer(source)
+        extra_files[MIMI_FILE] = find_mimi(source)
+        extra_files.update({f"prompts/{p.name}": p for p in sorted(source.glob("prompts/*.wav"))})
+    model, _ = load_model(source, dtype=dtype)
     quantization = None
     if quantize_weights:
         quantize(model, q_bits, q_group_size)
         quantization = {"group_size": q_group_size, "bits": q_bits}
-    save_model(model, mlx_path, dtype, quantization)
+    save_model(model, mlx_path, dtype, quantization, extra_files)
     return mlx_path
 
 
@@ -41,10 +52,13 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument("-q", "--quantize", action="store_true", help="quantize linear and embedding weights")
     parser.add_argument("--q-bits", type=int, default=4, help="bits per weight when quantizing: 4 or 8 (default: 4)")
     parser.add_argument("--q-group-size", type=int, default=64, help="quantization group size (default: 64)")
+    parser.add_argument("--bundle", action="store_true",
+                        help="also copy the tokenizer, Mimi weights and voice prompts: a self-contained directory")
     args = parser.parse_args(argv)
     try:
-        out = convert(args.hf_path, args.mlx_path, args.dtype, args.quantize, args.q_bits, args.q_group_size)
-    except (CheckpointError, HubError) as e:
+        out = convert(args.hf_path, args.mlx_path, args.dtype, args.quantize, args.q_bits, args.q_group_size,
+                      args.bundle)
+    except (CheckpointError, HubError, FileNotFoundError) as e:
         print(f"csm-mlx-convert: error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {out}")

@@ -96,9 +96,11 @@ def read_config(path: Path) -> Tuple[str, ModelArgs, Dict[str, Any]]:
 
 
 def read_weights(path: Path) -> Dict[str, mx.array]:
-    files = sorted(path.glob("*.safetensors"))
+    # model.safetensors or shards model-0000N-of-0000M.safetensors; other safetensors
+    # files (a bundled Mimi) are not CSM weights.
+    files = sorted(path.glob("model*.safetensors"))
     if not files:
-        raise CheckpointError(f"{path} has no *.safetensors weights: the download is incomplete")
+        raise CheckpointError(f"{path} has no model*.safetensors weights: the download is incomplete")
     weights = {}
     for f in files:
         try:
@@ -193,8 +195,15 @@ def quantize(model: Model, bits: int, group_size: int) -> None:
     nn.quantize(model, group_size=group_size, bits=bits, class_predicate=_is_quantizable(group_size))
 
 
-def save_model(model: Model, path: os.PathLike, dtype: str, quantization: Optional[dict]) -> None:
-    """Write config.json + model.safetensors into a new directory, atomically.
+def save_model(
+    model: Model,
+    path: os.PathLike,
+    dtype: str,
+    quantization: Optional[dict],
+    extra_files: Optional[Dict[str, Path]] = None,
+) -> None:
+    """Write config.json + model.safetensors (+ extra_files, name -> source) into a new
+    directory, atomically.
 
     The files are written into a temporary sibling that is renamed into place,
     so an interrupted conversion never leaves a half-written model behind."""
@@ -216,6 +225,9 @@ def save_model(model: Model, path: os.PathLike, dtype: str, quantization: Option
             dict(tree_flatten(model.parameters())),
             metadata={"format": "mlx"},
         )
+        for name, source in (extra_files or {}).items():
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, tmp / name)
         if path.exists():
             path.rmdir()
         tmp.rename(path)

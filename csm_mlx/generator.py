@@ -86,6 +86,16 @@ def _local_or_hub(explicit: Optional[os.PathLike], beside_model: Path, repo: str
     return hub.download(repo, [filename]) / filename
 
 
+def find_tokenizer(model_dir: Path, explicit: Optional[os.PathLike] = None) -> Path:
+    """The tokenizer.json to use: explicit, else beside the model, else the ungated hub copy."""
+    return _local_or_hub(explicit, model_dir / TOKENIZER_FILE, TOKENIZER_REPO, TOKENIZER_FILE)
+
+
+def find_mimi(model_dir: Path, explicit: Optional[os.PathLike] = None) -> Path:
+    """The Mimi weights to use: explicit, else beside the model, else Kyutai's hub repo."""
+    return _local_or_hub(explicit, model_dir / MIMI_FILE, MIMI_REPO, MIMI_FILE)
+
+
 class CSM:
     sample_rate = SAMPLE_RATE
 
@@ -109,8 +119,7 @@ class CSM:
         The tokenizer and Mimi weights come from the given paths, else from beside the
         model (a self-contained converted directory), else from the hub."""
         model_dir = hub.resolve_model(model)
-        tokenizer_path = _local_or_hub(tokenizer, model_dir / TOKENIZER_FILE, TOKENIZER_REPO, TOKENIZER_FILE)
-        mimi_path = _local_or_hub(mimi, model_dir / MIMI_FILE, MIMI_REPO, MIMI_FILE)
+        tokenizer_path, mimi_path = find_tokenizer(model_dir, tokenizer), find_mimi(model_dir, mimi)
         csm_model, _ = load_model(model_dir, dtype=dtype)
         return cls(csm_model, TextTokenizer(tokenizer_path), Mimi(mimi_path), model_dir)
 

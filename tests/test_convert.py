@@ -153,7 +153,7 @@ def test_no_weights(tmp_path, original_dir):
     bad = tmp_path / "noweights"
     bad.mkdir()
     (bad / "config.json").write_bytes((original_dir / "config.json").read_bytes())
-    with pytest.raises(CheckpointError, match="no \\*.safetensors"):
+    with pytest.raises(CheckpointError, match="no model\\*.safetensors"):
         load_model(bad)
 
 

@@ -187,3 +187,21 @@ def test_unwritable_output_is_refused_before_loading(tmp_path, capsys):
 def test_missing_tokenizer_repo_offline(tmp_path, transformers_dir, mimi_path):
     with pytest.raises(HubError, match="unsloth/Llama-3.2-1B is not in the local hub cache"):
         CSM.load(str(transformers_dir), mimi=mimi_path)
+
+
+def test_bundled_mlx_directory_works_offline_without_the_hub(hub_cache, tmp_path):
+    """A converted, quantized, bundled directory is all an offline app needs: the CLI runs
+    from it with an empty hub cache, and --voice finds the prompts inside it."""
+    from csm_mlx.convert import convert
+
+    model_dir = convert("sesame/csm-1b", tmp_path / "csm-8bit", quantize_weights=True, q_bits=8, bundle=True)
+    assert {p.name for p in model_dir.iterdir()} >= {"config.json", "model.safetensors", "tokenizer.json",
+                                                      "tokenizer-e351c8d8-checkpoint125.safetensors", "prompts"}
+    empty_cache = tmp_path / "empty-hub"
+    empty_cache.mkdir()
+    env = {**os.environ, "HF_HUB_CACHE": str(empty_cache), "HF_HUB_OFFLINE": "1"}
+    out = tmp_path / "out.wav"
+    result = subprocess.run([CLI, "Offline.", "--model", str(model_dir), "--voice", "conversational_a", "-o", str(out),
+                             "--seed", "0", *SHORT], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    assert sf.info(out).frames == FRAMES * 1920
