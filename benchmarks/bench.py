@@ -2,8 +2,9 @@
 
     python benchmarks/bench.py --size csm-1b --dtype float32 --frames 8
 
-Prints one table row: prefill time, seconds per frame (median after one warm-up
-frame), real-time factor (frame time / 80 ms) and peak MLX memory.
+Prints one table row: time to the first frame (prefill + one frame), time to first audio (that
+plus Mimi's streaming decode of it; needs the Mimi weights, --mimi), seconds per frame (median
+after the first), real-time factor (frame time / 80 ms) and peak MLX memory.
 """
 
 import argparse
@@ -16,6 +17,7 @@ import mlx.nn as nn
 import numpy as np
 
 from csm_mlx.checkpoint import DTYPES, quantize
+from csm_mlx.codec import Mimi
 from csm_mlx.generation import FRAME_MS, generate_frames, make_frame_sampler
 from csm_mlx.models import Model, ModelArgs, TransformerArgs
 
@@ -36,7 +38,7 @@ def build(size: str, dtype: str, bits: int = 0) -> Model:
     return model
 
 
-def run(size: str, dtype: str, bits: int, frames: int, prompt_rows: int) -> dict:
+def run(size: str, dtype: str, bits: int, frames: int, prompt_rows: int, mimi: str = None) -> dict:
     model = build(size, dtype, bits)
     weight_bytes = sum(v.nbytes for _, v in nn.utils.tree_flatten(model.parameters()))
     rng = np.random.default_rng(0)
@@ -52,17 +54,25 @@ def run(size: str, dtype: str, bits: int, frames: int, prompt_rows: int) -> dict
 
     mx.reset_peak_memory()
     start = time.perf_counter()
-    stamps = []
-    for _ in generate_frames(model, tokens, mask, sampler, frames + 1):
+    stamps, frames_out = [], []
+    for frame in generate_frames(model, tokens, mask, sampler, frames + 1):
         stamps.append(time.perf_counter())
+        frames_out.append(frame)
     first = stamps[0] - start
     per_frame = statistics.median(np.diff(stamps))
+    first_audio = float("nan")
+    if mimi:
+        codec = Mimi(mimi)  # loaded before the clock starts, as an app loads it once
+        decode_start = time.perf_counter()
+        codec.decode_step(frames_out[0][:, None])
+        first_audio = first + time.perf_counter() - decode_start
     return {
         "size": size,
         "precision": f"{bits}-bit" if bits else dtype,
         "weights_GB": weight_bytes / 1e9,
         "prompt_rows": prompt_rows,
         "first_frame_s": first,
+        "first_audio_s": first_audio,
         "s_per_frame": per_frame,
         "rtf": per_frame / (FRAME_MS / 1000),
         "peak_GB": mx.get_peak_memory() / 1e9,
@@ -76,9 +86,10 @@ def main():
     parser.add_argument("--bits", type=int, choices=[0, 4, 8], default=0, help="quantize (0: no)")
     parser.add_argument("--frames", type=int, default=20, help="frames timed after the first")
     parser.add_argument("--prompt-rows", type=int, default=200)
+    parser.add_argument("--mimi", help="Mimi weights, to measure time to first audio")
     parser.add_argument("--json", help="also write the result to this file")
     args = parser.parse_args()
-    result = run(args.size, args.dtype, args.bits, args.frames, args.prompt_rows)
+    result = run(args.size, args.dtype, args.bits, args.frames, args.prompt_rows, args.mimi)
     print(" | ".join(result))
     print(" | ".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in result.values()))
     if args.json:

@@ -8,13 +8,16 @@ from pathlib import Path
 from typing import List, Optional
 
 import mlx.core as mx
+import numpy as np
 import yaml
 
 from csm_mlx import hub
 from csm_mlx.audio import AudioError, check_output_path, read_audio, write_audio
 from csm_mlx.checkpoint import DTYPES, CheckpointError
-from csm_mlx.codec import CodecError
-from csm_mlx.generator import CSM, VOICES, Segment
+from csm_mlx.codec import FRAME_SAMPLES, SAMPLE_RATE, CodecError
+from csm_mlx.generation import FRAME_MS
+from csm_mlx.generator import CSM, VOICES, Segment, expected_seconds
+from csm_mlx.player import PlaybackError, Player
 from csm_mlx.tokenizer import TokenizerError
 
 EXAMPLES = """examples:
@@ -29,7 +32,7 @@ A conversation file is a list of turns: [{"speaker": 0, "text": "...", "audio": 
 (JSON or YAML; audio paths are relative to the file; audio is optional).
 """
 
-USER_ERRORS = (ValueError, CheckpointError, hub.HubError, AudioError, CodecError, TokenizerError, FileNotFoundError)
+USER_ERRORS = (PlaybackError, ValueError, CheckpointError, hub.HubError, AudioError, CodecError, TokenizerError, FileNotFoundError)
 
 
 class CliError(Exception):
@@ -85,6 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--min-p", type=float, default=0.0, metavar="P", help="0 disables (default: 0)")
     g.add_argument("--seed", type=int, metavar="N", help="seed for reproducible sampling")
 
+    g = p.add_argument_group("playback")
+    g.add_argument("--play", action="store_true", help="play the speech as it is generated (also writes -o if given)")
+    g.add_argument("--stream-chunk-frames", type=int, default=1, metavar="N",
+                   help="frames per streamed chunk, 80 ms each (default: 1, lowest latency)")
+
     g = p.add_mutually_exclusive_group()
     g.add_argument("-q", "--quiet", action="store_true", help="print errors only")
     g.add_argument("-v", "--verbose", action="store_true", help="say what is loaded from where")
@@ -132,10 +140,12 @@ class Progress:
     def __init__(self, enabled: bool):
         self.enabled = enabled and sys.stderr.isatty()
         self.start = time.perf_counter()
+        self.frames = 0
 
     def __call__(self, frames: int) -> None:
+        self.frames = frames
         if self.enabled:
-            audio_s = frames * 0.08
+            audio_s = frames * FRAME_MS / 1000
             wall = time.perf_counter() - self.start
             print(f"\rframe {frames} | {audio_s:.2f} s audio | RTF {wall / audio_s:.2f}", end="", file=sys.stderr)
 
@@ -148,9 +158,9 @@ def run(args) -> None:
     text = args.text if args.text is not None else sys.stdin.read()
     if not text.strip():
         raise CliError("text is empty: give the words to speak as an argument or on standard input")
-    if not args.output:
-        raise CliError("no output file: give -o FILE.wav")
-    output = check_output_path(args.output)
+    if not args.output and not args.play:
+        raise CliError("nowhere to put the audio: give -o FILE.wav, --play, or both")
+    output = check_output_path(args.output) if args.output else None
     context = read_context(args)
 
     log = (lambda msg: print(msg, file=sys.stderr)) if args.verbose else (lambda msg: None)
@@ -160,20 +170,52 @@ def run(args) -> None:
     if args.voice:
         context.insert(0, csm.voice(args.voice, args.speaker))
 
+    sampling = dict(max_audio_length_ms=args.max_audio_length_ms, temperature=args.temperature, top_k=args.top_k,
+                    top_p=args.top_p, min_p=args.min_p, seed=args.seed)
     progress = Progress(not args.quiet)
     mx.reset_peak_memory()
-    speech = csm.generate(
-        text, args.speaker, context,
-        max_audio_length_ms=args.max_audio_length_ms, temperature=args.temperature, top_k=args.top_k,
-        top_p=args.top_p, min_p=args.min_p, seed=args.seed, on_frame=progress,
-    )
+    if args.play:
+        report = play(csm, text, args.speaker, context, sampling, args.stream_chunk_frames, progress, output)
+    else:
+        speech = csm.generate(text, args.speaker, context, on_frame=progress, **sampling)
+        progress.close()
+        write_audio(output, speech.audio, speech.sample_rate)
+        report = f"wrote {output}: {speech.duration:.2f} s audio"
     wall = time.perf_counter() - progress.start
-    progress.close()
-    write_audio(output, speech.audio, speech.sample_rate)
     if not args.quiet:
-        rtf = wall / speech.duration if speech.duration else float("inf")
-        print(f"wrote {output}: {speech.duration:.2f} s audio ({speech.codes.shape[1]} frames) in {wall:.2f} s, "
-              f"RTF {rtf:.2f}, peak memory {mx.get_peak_memory() / 1e9:.2f} GB", file=sys.stderr)
+        audio_s = progress.frames * FRAME_MS / 1000
+        rtf = f"{wall / audio_s:.2f}" if audio_s else "-"
+        print(f"{report} ({progress.frames} frames) in {wall:.2f} s, RTF {rtf}, "
+              f"peak memory {mx.get_peak_memory() / 1e9:.2f} GB", file=sys.stderr)
+
+
+def play(csm, text, speaker, context, sampling, chunk_frames, progress, output) -> str:
+    """Play the speech as it is generated; write it to output too (also when interrupted)."""
+    expected = min(expected_seconds(text), sampling["max_audio_length_ms"] / 1000)
+    player = Player(expected_seconds=expected)
+    chunks, first_audio = [], None
+    try:
+        for chunk in csm.stream(text, speaker, context, chunk_frames=chunk_frames, **sampling):
+            first_audio = first_audio or time.perf_counter() - progress.start
+            chunks.append(chunk)
+            player.feed(chunk)
+            progress(sum(map(len, chunks)) // FRAME_SAMPLES)
+        player.finish()
+    except KeyboardInterrupt:
+        player.stop()
+        progress.close()
+        if output and chunks:
+            write_audio(output, np.concatenate(chunks))
+            print(f"csm-mlx: wrote the {len(np.concatenate(chunks)) / SAMPLE_RATE:.2f} s generated so far to {output}",
+                  file=sys.stderr)
+        raise
+    progress.close()
+    report = (f"played {progress.frames * FRAME_MS / 1000:.2f} s audio, first audio after {first_audio or 0:.2f} s, "
+              f"playback started {player.start_delay or 0:.2f} s later, {player.underruns} underruns")
+    if output:
+        write_audio(output, np.concatenate(chunks) if chunks else np.zeros(0, np.float32))
+        report += f"; wrote {output}"
+    return report
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -184,7 +226,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"csm-mlx: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("\ncsm-mlx: interrupted, nothing written", file=sys.stderr)
+        print("csm-mlx: interrupted", file=sys.stderr)
         return 130
     return 0
 

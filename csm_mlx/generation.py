@@ -124,7 +124,7 @@ def generate_frames(
         frame = next_frame
 
 
-def generate(
+def frames(
     model: Model,
     text_tokens: Sequence[int],
     context: Sequence[TokenizedSegment] = (),
@@ -135,18 +135,29 @@ def generate(
     top_p: float = 0.0,
     min_p: float = 0.0,
     seed: Optional[int] = None,
-    on_frame: Optional[Callable[[int], None]] = None,
-) -> np.ndarray:
-    """Generate Mimi codes (32, T) for text_tokens spoken after the context.
-
-    on_frame(n) is called after the n-th frame (for progress displays)."""
+) -> Iterator[np.ndarray]:
+    """Frames (32,) of text_tokens spoken after the context, as they are generated."""
     tokens, mask = prompt_rows(context, text_tokens, model.args.audio_num_codebooks)
     sampler = make_frame_sampler(temperature, top_k, top_p, min_p)
     if seed is not None:
         mx.random.seed(seed)
-    frames: List[np.ndarray] = []
-    for frame in generate_frames(model, tokens, mask, sampler, max_frames):
-        frames.append(frame)
+    return generate_frames(model, tokens, mask, sampler, max_frames)
+
+
+def generate(
+    model: Model,
+    text_tokens: Sequence[int],
+    context: Sequence[TokenizedSegment] = (),
+    *,
+    on_frame: Optional[Callable[[int], None]] = None,
+    **sampling,
+) -> np.ndarray:
+    """Mimi codes (32, T) of text_tokens spoken after the context; sampling as for frames().
+
+    on_frame(n) is called after the n-th frame (for progress displays)."""
+    codes: List[np.ndarray] = []
+    for frame in frames(model, text_tokens, context, **sampling):
+        codes.append(frame)
         if on_frame is not None:
-            on_frame(len(frames))
-    return np.stack(frames, axis=1) if frames else np.zeros((model.args.audio_num_codebooks, 0), np.int32)
+            on_frame(len(codes))
+    return np.stack(codes, axis=1) if codes else np.zeros((model.args.audio_num_codebooks, 0), np.int32)

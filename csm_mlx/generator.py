@@ -9,7 +9,7 @@
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Optional, Sequence
+from typing import Callable, Dict, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -17,7 +17,7 @@ from . import hub
 from .audio import AudioError, read_audio
 from .checkpoint import load_model
 from .codec import SAMPLE_RATE, Mimi
-from .generation import FRAME_MS, TokenizedSegment, generate
+from .generation import FRAME_MS, TokenizedSegment, frames
 from .models import Model
 from .tokenizer import TextTokenizer
 
@@ -67,6 +67,12 @@ class Speech:
     @property
     def duration(self) -> float:
         return len(self.audio) / self.sample_rate
+
+
+def expected_seconds(text: str) -> float:
+    """A rough length of text spoken at a conversational ~150 words per minute (0.4 s a word) plus
+    half a second; used to plan playback, never to cut speech."""
+    return 0.5 + 0.4 * len(text.split())
 
 
 def check_speaker(speaker) -> int:
@@ -142,7 +148,7 @@ class CSM:
             codes = self.mimi.encode(audio)
         return TokenizedSegment(self.tokenizer.encode(segment.text, segment.speaker), codes)
 
-    def generate(
+    def frames(
         self,
         text: str,
         speaker: int = 0,
@@ -154,15 +160,17 @@ class CSM:
         top_p: float = 0.0,
         min_p: float = 0.0,
         seed: Optional[int] = None,
-        on_frame: Optional[Callable[[int], None]] = None,
-    ) -> Speech:
-        """Speak text as speaker, after the context turns. on_frame(n) is called after each frame."""
+    ) -> Iterator[np.ndarray]:
+        """Mimi frames (32,) of text spoken by speaker after the context, as they are generated.
+
+        Stops at the model's end of speech or after max_audio_length_ms (the frame cap).
+        temperature 0 is greedy; top_k / top_p / min_p of 0 are off; seed makes sampling repeatable."""
         if not text or not text.strip():
             raise ValueError("text is empty: give the words to speak")
         max_frames = int(max_audio_length_ms / FRAME_MS)
         if max_frames < 1:
             raise ValueError(f"max_audio_length_ms must be at least {FRAME_MS} (one frame)")
-        codes = generate(
+        return frames(
             self.model,
             self.tokenizer.encode(text, check_speaker(speaker)),
             [self.tokenize(s) for s in context],
@@ -172,7 +180,52 @@ class CSM:
             top_p=top_p,
             min_p=min_p,
             seed=seed,
-            on_frame=on_frame,
         )
-        audio = self.mimi.decode(codes) if codes.shape[1] else np.zeros(0, np.float32)
-        return Speech(audio, self.sample_rate, codes)
+
+    def generate(
+        self,
+        text: str,
+        speaker: int = 0,
+        context: Sequence[Segment] = (),
+        *,
+        on_frame: Optional[Callable[[int], None]] = None,
+        **sampling,
+    ) -> Speech:
+        """Speak text as speaker after the context turns; sampling arguments as for frames().
+        on_frame(n) is called after each frame."""
+        codes = []
+        for frame in self.frames(text, speaker, context, **sampling):
+            codes.append(frame)
+            if on_frame is not None:
+                on_frame(len(codes))
+        if not codes:
+            return Speech(np.zeros(0, np.float32), self.sample_rate, np.zeros((32, 0), np.int32))
+        codes = np.stack(codes, axis=1)
+        return Speech(self.mimi.decode(codes), self.sample_rate, codes)
+
+    def stream(
+        self,
+        text: str,
+        speaker: int = 0,
+        context: Sequence[Segment] = (),
+        *,
+        chunk_frames: int = 1,
+        **sampling,
+    ) -> Iterator[np.ndarray]:
+        """Audio chunks (float32, chunk_frames * 1920 samples; the last may be shorter) as frames
+        are generated; sampling arguments as for frames().
+
+        Decoding is Mimi's streaming decoder: one state for the whole stream, reset when a
+        stream starts, so chunks join with no seam. One stream at a time per CSM object."""
+        if chunk_frames < 1:
+            raise ValueError(f"chunk_frames must be at least 1, got {chunk_frames}")
+        source = self.frames(text, speaker, context, **sampling)
+        self.mimi.reset()
+        pending = []
+        for frame in source:
+            pending.append(frame)
+            if len(pending) == chunk_frames:
+                yield self.mimi.decode_step(np.stack(pending, axis=1))
+                pending.clear()
+        if pending:
+            yield self.mimi.decode_step(np.stack(pending, axis=1))
