@@ -66,6 +66,8 @@ def make_frame_sampler(
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if top_k < 0 or not 0 <= top_p <= 1 or not 0 <= min_p <= 1:
         raise ValueError("top_k must be >= 0 and top_p, min_p within [0, 1]")
+    if temperature == 0:
+        return lambda logits: mx.argmax(logits[..., :AUDIO_CODES], axis=-1)
     sample = make_sampler(temp=temperature, top_p=top_p, min_p=min_p, top_k=top_k)
 
     def sampler(logits: mx.array) -> mx.array:

@@ -134,7 +134,7 @@ def test_wrong_shapes(tmp_path, original_state):
 def test_missing_tensor(tmp_path, original_state):
     state = {k: v for k, v in original_state.items() if k != "audio_head"}
     path = write_original(tmp_path / "m", state, TINY_ARGS, TINY_BACKBONE, TINY_DECODER)
-    with pytest.raises(CheckpointError, match="1 missing .first: audio_head"):
+    with pytest.raises(CheckpointError, match="31 missing .first: audio_head.0.weight"):
         load_model(path)
 
 

@@ -77,10 +77,36 @@ class ModelArgs:
         return asdict(self)
 
 
-class Transformer(nn.Module):
-    """A stack of Llama blocks and a final norm; no embedding, no head."""
+class PositionTableRoPE(nn.Module):
+    """RoPE for a fixed range of positions, from cos/sin tables that the given RoPE module
+    computes once. The depth decoder only ever sees positions 0..31, and mx.fast.rope with
+    explicit (Llama-3 scaled) frequencies recomputes them on every call."""
 
-    def __init__(self, args: TransformerArgs):
+    def __init__(self, rope: nn.Module, dims: int, n_positions: int):
+        super().__init__()
+        half = dims // 2
+        # Rotating [1, .., 1, 0, .., 0] by position p gives cos(p*theta) then sin(p*theta).
+        probe = mx.concatenate([mx.ones((n_positions, half)), mx.zeros((n_positions, half))], axis=-1)
+        rotated = rope(probe[None, None])[0, 0]
+        cos, sin = rotated[:, :half], rotated[:, half:]
+        self._cos = mx.concatenate([cos, cos], axis=-1)
+        self._sin = mx.concatenate([-sin, sin], axis=-1)
+        mx.eval(self._cos, self._sin)
+
+    def __call__(self, x: mx.array, offset: int = 0) -> mx.array:
+        n, half = x.shape[-2], x.shape[-1] // 2
+        swapped = mx.concatenate([x[..., half:], x[..., :half]], axis=-1)
+        cos = self._cos[offset : offset + n].astype(x.dtype)
+        sin = self._sin[offset : offset + n].astype(x.dtype)
+        return x * cos + swapped * sin
+
+
+class Transformer(nn.Module):
+    """A stack of Llama blocks and a final norm; no embedding, no head.
+
+    With rope_positions, RoPE comes from tables for positions below it."""
+
+    def __init__(self, args: TransformerArgs, rope_positions: Optional[int] = None):
         super().__init__()
         block_args = llama.ModelArgs(
             model_type="llama",
@@ -97,6 +123,9 @@ class Transformer(nn.Module):
             rope_scaling=args.rope_scaling,
         )
         self.layers = [llama.TransformerBlock(block_args) for _ in range(args.num_layers)]
+        if rope_positions is not None:
+            for layer in self.layers:
+                layer.self_attn.rope = PositionTableRoPE(layer.self_attn.rope, args.head_dim, rope_positions)
         self.norm = nn.RMSNorm(args.hidden_size, eps=args.norm_eps)
 
     def __call__(self, x: mx.array, cache: Optional[List[Any]] = None) -> mx.array:
@@ -117,12 +146,14 @@ class Model(nn.Module):
         dim, dec_dim = args.backbone.hidden_size, args.decoder.hidden_size
         vocab, n_codebooks = args.audio_vocab_size, args.audio_num_codebooks
         self.backbone = Transformer(args.backbone)
-        self.decoder = Transformer(args.decoder)
+        self.decoder = Transformer(args.decoder, rope_positions=args.audio_num_codebooks)
         self.text_embeddings = nn.Embedding(args.text_vocab_size, dim)
         self.audio_embeddings = nn.Embedding(vocab * n_codebooks, dim)
         self.projection = nn.Linear(dim, dec_dim, bias=False)
         self.codebook0_head = nn.Linear(dim, vocab, bias=False)
-        self.audio_head = mx.zeros((n_codebooks - 1, dec_dim, vocab))
+        # One head per codebook 1..31. Checkpoints stack them as one (31, dim, vocab) tensor;
+        # separate contiguous layers avoid a copy of the slice on every step and can be quantized.
+        self.audio_head = [nn.Linear(dec_dim, vocab, bias=False) for _ in range(n_codebooks - 1)]
         self._codebook_offsets = mx.arange(n_codebooks) * vocab
 
     def embed_rows(self, tokens: mx.array, mask: mx.array) -> mx.array:
@@ -143,7 +174,7 @@ class Model(nn.Module):
         return self.audio_embeddings(codes + codebook * self.args.audio_vocab_size)
 
     def codebook_logits(self, codebook: int, decoder_hidden: mx.array) -> mx.array:
-        return decoder_hidden @ self.audio_head[codebook - 1]
+        return self.audio_head[codebook - 1](decoder_hidden)
 
     def teacher_forced_logits(
         self, tokens: mx.array, mask: mx.array, frames: mx.array
@@ -161,16 +192,20 @@ class Model(nn.Module):
 
         codes = self.audio_embeddings(frames[..., :-1] + self._codebook_offsets[:-1])
         depth_in = mx.concatenate([h[:, :, None], codes], axis=2).reshape(B * T, K, -1)
-        depth_h = self.decoder(self.projection(depth_in))[:, 1:]
-        rest = mx.einsum("nkd,kdv->nkv", depth_h, self.audio_head)
+        depth_h = self.decoder(self.projection(depth_in))
+        rest = mx.stack([self.codebook_logits(k, depth_h[:, k]) for k in range(1, K)], axis=1)
         return mx.concatenate([c0_logits[:, :, None], rest.reshape(B, T, K - 1, -1)], axis=2)
 
     def sanitize(self, weights: Dict[str, mx.array]) -> Dict[str, mx.array]:
         """Map a checkpoint in either hub format (or already ours) onto this model's keys."""
         if any(k.startswith("backbone_model.") for k in weights):
-            return _from_transformers(weights)
-        if any(".attn.q_proj." in k for k in weights):
-            return _from_original(weights, self.args)
+            weights = _from_transformers(weights)
+        elif any(".attn.q_proj." in k for k in weights):
+            weights = _from_original(weights, self.args)
+        if "audio_head" in weights:
+            stacked = weights.pop("audio_head")
+            for k in range(stacked.shape[0]):
+                weights[f"audio_head.{k}.weight"] = mx.contiguous(stacked[k].T)
         return weights
 
 
