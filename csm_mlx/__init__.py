@@ -1,5 +1,7 @@
 """csm-mlx: Sesame's Conversational Speech Model (CSM-1b) on Apple MLX."""
 
+from . import blas  # noqa: F401  (first: it must run before mlx.core is loaded)
+
 from .checkpoint import CheckpointError, load_model
 from .generator import CSM, Segment, Speech
 from .generation import TokenizedSegment, generate, generate_frames, make_frame_sampler, prompt_rows

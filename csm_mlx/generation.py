@@ -1,6 +1,7 @@
 """Prompt rows and the frame loop: backbone -> codebook 0 -> 31 depth-decoder steps -> next frame."""
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
@@ -77,18 +78,28 @@ def make_frame_sampler(
     return sampler
 
 
-def decode_frame(model: Model, h: mx.array, sampler: Sampler) -> mx.array:
-    """Codes (B, 32) of one frame from the backbone's last hidden state h (B, D)."""
-    c = sampler(model.codebook0_head(h))
-    codes = [c]
+def decode_frame(model: Model, h: mx.array, sampler: Sampler, with_logits: bool = False):
+    """Codes (B, 32) of one frame from the backbone's last hidden state h (B, D), and with
+    with_logits also the logits (B, 32, vocab) each codebook was sampled from."""
+    logits = [model.codebook0_head(h)]
+    codes = [sampler(logits[0])]
     cache = model.decoder.make_cache()
-    x = mx.stack([h, model.embed_audio(0, c)], axis=1)
+    x = mx.stack([h, model.embed_audio(0, codes[0])], axis=1)
     for k in range(1, model.args.audio_num_codebooks):
         d = model.decoder(model.projection(x), cache)[:, -1]
-        c = sampler(model.codebook_logits(k, d))
-        codes.append(c)
-        x = model.embed_audio(k, c)[:, None]
-    return mx.stack(codes, axis=1)
+        logits.append(model.codebook_logits(k, d))
+        codes.append(sampler(logits[-1]))
+        x = model.embed_audio(k, codes[-1])[:, None]
+    codes = mx.stack(codes, axis=1)
+    return (codes, mx.stack(logits, axis=1)) if with_logits else codes
+
+
+def frame_decoder(model: Model, sampler: Sampler, compiled: bool = True, with_logits: bool = False):
+    """decode_frame for this model and sampler. Compiled, a frame's 31 depth-decoder steps
+    (always the same shapes: the cache starts empty every frame) trace into one graph; the
+    random state is threaded through it, so seeded sampling gives the same codes either way."""
+    decode = partial(decode_frame, model, sampler=sampler, with_logits=with_logits)
+    return mx.compile(decode, inputs=mx.random.state, outputs=mx.random.state) if compiled else decode
 
 
 def generate_frames(
@@ -97,6 +108,7 @@ def generate_frames(
     mask: np.ndarray,
     sampler: Sampler,
     max_frames: int,
+    compiled: bool = True,
 ) -> Iterator[np.ndarray]:
     """Yield frames (32,) int codes until the end-of-speech frame or max_frames.
 
@@ -110,14 +122,15 @@ def generate_frames(
             f"prompt of {len(tokens)} rows plus {max_frames} frames exceeds the model's "
             f"{limit}-row window: shorten the context or the maximum audio length"
         )
+    decode = frame_decoder(model, sampler, compiled)
     cache = model.backbone.make_cache()
     h = model.backbone(model.embed_rows(mx.array(tokens)[None], mx.array(mask)[None]), cache)
-    frame = decode_frame(model, h[:, -1], sampler)
+    frame = decode(h[:, -1])
     mx.async_eval(frame)
     for i in range(max_frames):
         if i + 1 < max_frames:
             h = model.backbone(model.embed_frames(frame[:, None]), cache)
-            next_frame = decode_frame(model, h[:, -1], sampler)
+            next_frame = decode(h[:, -1])
             mx.async_eval(next_frame)
         codes = np.array(frame[0])
         if not codes.any():

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from csm_mlx import TokenizedSegment, generate, generate_frames, load_model, make_frame_sampler, prompt_rows
+from csm_mlx.generation import frame_decoder
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +43,8 @@ def counting_sampler(zero_from_frame):
 
 def test_all_zero_frame_ends_speech_and_is_not_emitted(model, text_tokens):
     tokens, mask = prompt_rows([], text_tokens)
-    frames = list(generate_frames(model, tokens, mask, counting_sampler(zero_from_frame=3), max_frames=20))
+    # a sampler with Python-side state must run eagerly: compiled, it would only run while tracing
+    frames = list(generate_frames(model, tokens, mask, counting_sampler(zero_from_frame=3), max_frames=20, compiled=False))
     assert len(frames) == 3
     assert all(f.any() for f in frames)
     greedy = generate(model, text_tokens, max_frames=3, temperature=0)
@@ -90,3 +92,24 @@ def test_bad_sampling_parameters():
         make_frame_sampler(temperature=-1)
     with pytest.raises(ValueError, match="top_p"):
         make_frame_sampler(top_p=1.5)
+
+
+@pytest.mark.parametrize("temperature", [0, 0.9])
+def test_compiled_loop_gives_the_plain_loop_frames(model, text_tokens, temperature):
+    tokens, mask = prompt_rows([], text_tokens)
+    runs = []
+    for compiled in (False, True):
+        mx.random.seed(11)
+        sampler = make_frame_sampler(temperature=temperature, top_k=50)
+        runs.append(np.stack(list(generate_frames(model, tokens, mask, sampler, 12, compiled=compiled))))
+    assert runs[0].shape == (12, 32)
+    np.testing.assert_array_equal(runs[0], runs[1])
+
+
+def test_compiled_frame_logits_match_plain(model):
+    h = mx.random.normal((1, model.args.backbone.hidden_size), key=mx.random.key(0))
+    greedy = make_frame_sampler(temperature=0)
+    plain_codes, plain_logits = frame_decoder(model, greedy, compiled=False, with_logits=True)(h)
+    fast_codes, fast_logits = frame_decoder(model, greedy, compiled=True, with_logits=True)(h)
+    np.testing.assert_array_equal(np.array(plain_codes), np.array(fast_codes))
+    assert np.abs(np.array(plain_logits) - np.array(fast_logits)).max() <= 1e-5
