@@ -6,6 +6,7 @@ from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 import numpy as np
+from mlx_lm.models.cache import BatchKVCache
 from mlx_lm.sample_utils import make_sampler
 
 from .models import Model
@@ -112,31 +113,61 @@ def generate_frames(
 ) -> Iterator[np.ndarray]:
     """Yield frames (32,) int codes until the end-of-speech frame or max_frames.
 
-    End of speech is the reference's: a frame whose codes are all zero, not
-    yielded. The next frame is queued before the current one is read back, so
-    the device never waits for the host between frames.
+    End of speech is the reference's: a frame whose codes are all zero, not yielded."""
+    for codes, _ in generate_batch_frames(model, [(tokens, mask)], sampler, max_frames, compiled):
+        yield codes[0]
+
+
+def generate_batch_frames(
+    model: Model,
+    prompts: Sequence[Tuple[np.ndarray, np.ndarray]],
+    sampler: Sampler,
+    max_frames: int,
+    compiled: bool = True,
+) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
+    """Generate for several prompts (tokens, mask) at once; yield (frames (B, 32), active (B,)).
+
+    Each step reads the weights once for the whole batch, so B utterances cost little more
+    than one. Prompts are left-padded; each item keeps its own positions, so (greedy) it gets
+    the frames it gets alone. An item is done after its end-of-speech frame (all zeros, marked
+    inactive from then on); iteration stops when every item is done. The next frame is queued
+    before the current one is read back, so the device never waits for the host between frames.
     """
     limit = model.args.backbone.max_seq_len
-    if len(tokens) + max_frames > limit:
+    longest = max(len(t) for t, _ in prompts)
+    if longest + max_frames > limit:
         raise ValueError(
-            f"prompt of {len(tokens)} rows plus {max_frames} frames exceeds the model's "
+            f"prompt of {longest} rows plus {max_frames} frames exceeds the model's "
             f"{limit}-row window: shorten the context or the maximum audio length"
         )
+    padding = [longest - len(t) for t, _ in prompts]
+    tokens = np.stack([np.pad(t, ((p, 0), (0, 0))) for (t, _), p in zip(prompts, padding)])
+    mask = np.stack([np.pad(m, ((p, 0), (0, 0))) for (_, m), p in zip(prompts, padding)])
     decode = frame_decoder(model, sampler, compiled)
-    cache = model.backbone.make_cache()
-    h = model.backbone(model.embed_rows(mx.array(tokens)[None], mx.array(mask)[None]), cache)
+    # Without padding (one prompt, or equal lengths) the plain cache needs no per-step mask.
+    cache = [BatchKVCache(padding) for _ in model.backbone.layers] if any(padding) else model.backbone.make_cache()
+    h = model.backbone(model.embed_rows(mx.array(tokens), mx.array(mask)), cache)
     frame = decode(h[:, -1])
     mx.async_eval(frame)
+    active = np.ones(len(prompts), bool)
     for i in range(max_frames):
         if i + 1 < max_frames:
             h = model.backbone(model.embed_frames(frame[:, None]), cache)
             next_frame = decode(h[:, -1])
             mx.async_eval(next_frame)
-        codes = np.array(frame[0])
-        if not codes.any():
+        codes = np.array(frame)
+        active &= codes.any(axis=1)
+        if not active.any():
             return
-        yield codes
+        yield codes, active.copy()
         frame = next_frame
+
+
+def seeded_sampler(temperature: float, top_k: int, top_p: float, min_p: float, seed: Optional[int]) -> Sampler:
+    sampler = make_frame_sampler(temperature, top_k, top_p, min_p)
+    if seed is not None:
+        mx.random.seed(seed)
+    return sampler
 
 
 def frames(
@@ -153,9 +184,7 @@ def frames(
 ) -> Iterator[np.ndarray]:
     """Frames (32,) of text_tokens spoken after the context, as they are generated."""
     tokens, mask = prompt_rows(context, text_tokens, model.args.audio_num_codebooks)
-    sampler = make_frame_sampler(temperature, top_k, top_p, min_p)
-    if seed is not None:
-        mx.random.seed(seed)
+    sampler = seeded_sampler(temperature, top_k, top_p, min_p, seed)
     return generate_frames(model, tokens, mask, sampler, max_frames)
 
 
@@ -175,4 +204,31 @@ def generate(
         codes.append(frame)
         if on_frame is not None:
             on_frame(len(codes))
-    return np.stack(codes, axis=1) if codes else np.zeros((model.args.audio_num_codebooks, 0), np.int32)
+    return _stack(codes, model)
+
+
+def generate_batch(
+    model: Model,
+    items: Sequence[Tuple[Sequence[int], Sequence[TokenizedSegment]]],
+    *,
+    max_frames: int = 125,
+    temperature: float = 0.9,
+    top_k: int = 50,
+    top_p: float = 0.0,
+    min_p: float = 0.0,
+    seed: Optional[int] = None,
+) -> List[np.ndarray]:
+    """Mimi codes (32, T_i) for several (text_tokens, context) items generated together.
+
+    Greedy, each item gets the frames it gets alone; each stops at its own end of speech."""
+    prompts = [prompt_rows(context, text, model.args.audio_num_codebooks) for text, context in items]
+    sampler = seeded_sampler(temperature, top_k, top_p, min_p, seed)
+    codes: List[List[np.ndarray]] = [[] for _ in items]
+    for batch, active in generate_batch_frames(model, prompts, sampler, max_frames):
+        for i in np.flatnonzero(active):
+            codes[i].append(batch[i])
+    return [_stack(c, model) for c in codes]
+
+
+def _stack(frames: List[np.ndarray], model: Model) -> np.ndarray:
+    return np.stack(frames, axis=1) if frames else np.zeros((model.args.audio_num_codebooks, 0), np.int32)

@@ -9,7 +9,7 @@
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Iterator, Optional, Sequence
+from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 
@@ -17,7 +17,7 @@ from . import hub
 from .audio import AudioError, read_audio
 from .checkpoint import load_model
 from .codec import SAMPLE_RATE, Mimi
-from .generation import FRAME_MS, TokenizedSegment, frames
+from .generation import FRAME_MS, TokenizedSegment, frames, generate_batch
 from .models import Model
 from .tokenizer import TextTokenizer
 
@@ -73,6 +73,14 @@ def expected_seconds(text: str) -> float:
     """A rough length of text spoken at a conversational ~150 words per minute (0.4 s a word) plus
     half a second; used to plan playback, never to cut speech."""
     return 0.5 + 0.4 * len(text.split())
+
+
+def _max_frames(max_audio_length_ms: float) -> int:
+    """The frame cap, as the reference computes it."""
+    max_frames = int(max_audio_length_ms / FRAME_MS)
+    if max_frames < 1:
+        raise ValueError(f"max_audio_length_ms must be at least {FRAME_MS} (one frame)")
+    return max_frames
 
 
 def check_speaker(speaker) -> int:
@@ -167,14 +175,11 @@ class CSM:
         temperature 0 is greedy; top_k / top_p / min_p of 0 are off; seed makes sampling repeatable."""
         if not text or not text.strip():
             raise ValueError("text is empty: give the words to speak")
-        max_frames = int(max_audio_length_ms / FRAME_MS)
-        if max_frames < 1:
-            raise ValueError(f"max_audio_length_ms must be at least {FRAME_MS} (one frame)")
         return frames(
             self.model,
             self.tokenizer.encode(text, check_speaker(speaker)),
             [self.tokenize(s) for s in context],
-            max_frames=max_frames,
+            max_frames=_max_frames(max_audio_length_ms),
             temperature=temperature,
             top_k=top_k,
             top_p=top_p,
@@ -198,10 +203,44 @@ class CSM:
             codes.append(frame)
             if on_frame is not None:
                 on_frame(len(codes))
-        if not codes:
-            return Speech(np.zeros(0, np.float32), self.sample_rate, np.zeros((32, 0), np.int32))
-        codes = np.stack(codes, axis=1)
-        return Speech(self.mimi.decode(codes), self.sample_rate, codes)
+        return self._speech(np.stack(codes, axis=1) if codes else np.zeros((32, 0), np.int32))
+
+    def _speech(self, codes: np.ndarray) -> Speech:
+        audio = self.mimi.decode(codes) if codes.shape[1] else np.zeros(0, np.float32)
+        return Speech(audio, self.sample_rate, codes)
+
+    def generate_batch(
+        self,
+        texts: Sequence[str],
+        speaker: int = 0,
+        context: Sequence[Segment] = (),
+        *,
+        max_audio_length_ms: float = 10_000,
+        temperature: float = 0.9,
+        top_k: int = 50,
+        top_p: float = 0.0,
+        min_p: float = 0.0,
+        seed: Optional[int] = None,
+    ) -> List[Speech]:
+        """Speak several texts at once after the same context (a voice prompt, say).
+
+        Generation reads the weights once per step for the whole batch, so n texts take
+        little more time than one; greedy, each text gets the audio it gets alone."""
+        if not texts or any(not t or not t.strip() for t in texts):
+            raise ValueError("every text of a batch must be non-empty")
+        speaker = check_speaker(speaker)
+        shared = [self.tokenize(s) for s in context]
+        codes = generate_batch(
+            self.model,
+            [(self.tokenizer.encode(t, speaker), shared) for t in texts],
+            max_frames=_max_frames(max_audio_length_ms),
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            min_p=min_p,
+            seed=seed,
+        )
+        return [self._speech(c) for c in codes]
 
     def stream(
         self,

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from csm_mlx import TokenizedSegment, generate, generate_frames, load_model, make_frame_sampler, prompt_rows
-from csm_mlx.generation import frame_decoder
+from csm_mlx.generation import frame_decoder, generate_batch, generate_batch_frames
 
 
 @pytest.fixture(scope="module")
@@ -113,3 +113,35 @@ def test_compiled_frame_logits_match_plain(model):
     fast_codes, fast_logits = frame_decoder(model, greedy, compiled=True, with_logits=True)(h)
     np.testing.assert_array_equal(np.array(plain_codes), np.array(fast_codes))
     assert np.abs(np.array(plain_logits) - np.array(fast_logits)).max() <= 1e-5
+
+
+def test_batch_gives_each_item_its_solo_frames(model):
+    rng = np.random.default_rng(21)
+    vocab = model.args.text_vocab_size
+    items = [
+        (rng.integers(0, vocab, 5).tolist(), []),
+        (rng.integers(0, vocab, 17).tolist(), [TokenizedSegment(rng.integers(0, vocab, 4).tolist(), rng.integers(0, 2048, (32, 6)))]),
+        (rng.integers(0, vocab, 9).tolist(), []),
+    ]
+    batched = generate_batch(model, items, max_frames=10, temperature=0)
+    for (text, context), codes in zip(items, batched):
+        np.testing.assert_array_equal(codes, generate(model, text, context, max_frames=10, temperature=0))
+    assert all(c.shape == (32, 10) for c in batched)
+
+
+def test_batch_items_end_at_their_own_end_of_speech(model, text_tokens):
+    """Item 1 samples the all-zero frame at frame 2: it stops there; item 0 runs on."""
+    greedy = make_frame_sampler(temperature=0)
+    calls = []
+
+    def sampler(logits):
+        frame = len(calls) // 32
+        calls.append(None)
+        codes = greedy(logits)
+        return mx.where(mx.array([False, frame >= 2]), 0, codes).astype(codes.dtype)
+
+    prompt = prompt_rows([], text_tokens)
+    steps = list(generate_batch_frames(model, [prompt, prompt], sampler, max_frames=6, compiled=False))
+    assert len(steps) == 6
+    assert [bool(active[1]) for _, active in steps] == [True, True, False, False, False, False]
+    assert all(active[0] for _, active in steps)
