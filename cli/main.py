@@ -1,7 +1,7 @@
-"""`csm-mlx`: speak text with CSM-1b on MLX."""
+"""`csm-mlx`: speak text with CSM-1b on MLX; `csm-mlx dialogue`: speak a whole script."""
 
 import argparse
-import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -9,15 +9,17 @@ from typing import List, Optional
 
 import mlx.core as mx
 import numpy as np
-import yaml
 
 from csm_mlx import hub
 from csm_mlx.audio import AudioError, check_output_path, read_audio, write_audio
 from csm_mlx.checkpoint import DTYPES, CheckpointError
 from csm_mlx.codec import FRAME_SAMPLES, SAMPLE_RATE, CodecError
+from csm_mlx.context import ContextError
+from csm_mlx.conversation import ScriptError, expected_seconds, join_turns, read_script
 from csm_mlx.generation import FRAME_MS
-from csm_mlx.generator import CSM, VOICES, Segment, expected_seconds
+from csm_mlx.generator import CSM, VOICES
 from csm_mlx.player import PlaybackError, Player
+from csm_mlx.segment import Segment
 from csm_mlx.tokenizer import TokenizerError
 
 EXAMPLES = """examples:
@@ -26,13 +28,24 @@ EXAMPLES = """examples:
   csm-mlx "Same voice as the demo." --voice conversational_a -o a.wav
   csm-mlx "Answering you." --speaker 1 --context-audio you.wav --context-text "What did you say?" \\
           --context-speaker 0 -o reply.wav
-  csm-mlx "Next line." --conversation chat.yaml -o next.wav --temperature 0 --max-audio-length-ms 5000
+  csm-mlx "Next line." --conversation chat.yaml -o next.wav --temperature 0
+  csm-mlx "Hear it as it is generated." --play
+  csm-mlx dialogue script.txt -o conversation.wav --voice 0=conversational_a --voice 1=conversational_b
 
-A conversation file is a list of turns: [{"speaker": 0, "text": "...", "audio": "turn1.wav"}, ...]
-(JSON or YAML; audio paths are relative to the file; audio is optional).
+Text longer than --chunk-chars is spoken sentence by sentence in one voice. A conversation file
+is a list of turns: [{"speaker": 0, "text": "...", "audio": "turn1.wav"}, ...] (JSON or YAML;
+audio paths are relative to the file; audio is optional).
 """
 
-USER_ERRORS = (PlaybackError, ValueError, CheckpointError, hub.HubError, AudioError, CodecError, TokenizerError, FileNotFoundError)
+DIALOGUE_EXAMPLES = """A script is text lines "[speaker] text":
+  [0] Hey, how are you doing?
+  [1] Pretty good, pretty good. How about you?
+or a JSON/YAML list of turns {speaker, text, audio}; turns with audio are taken as spoken.
+Each generated turn becomes context for the next.
+"""
+
+USER_ERRORS = (PlaybackError, ValueError, CheckpointError, hub.HubError, AudioError, CodecError, TokenizerError,
+               FileNotFoundError, ContextError, ScriptError)
 
 
 class CliError(Exception):
@@ -54,17 +67,15 @@ def non_negative_int(value: str) -> int:
     return number
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = Parser(
-        prog="csm-mlx",
-        description="Speak text with Sesame's CSM-1b on MLX, optionally in the voice of context audio.",
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("text", nargs="?", help="the text to speak (read from standard input when omitted)")
-    p.add_argument("-o", "--output", metavar="FILE", help="output audio file, .wav or .flac (24 kHz mono)")
-    p.add_argument("--speaker", type=non_negative_int, default=0, metavar="N", help="speaker id of the new turn (default: 0)")
+def speaker_value(value: str):
+    """SPEAKER=VALUE, as in --voice 0=conversational_a."""
+    speaker, sep, rest = value.partition("=")
+    if not sep or not rest:
+        raise argparse.ArgumentTypeError(f"expected SPEAKER=VALUE, got {value!r}")
+    return non_negative_int(speaker), rest
 
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", default=hub.DEFAULT_MODEL, metavar="ID_OR_DIR",
                    help=f"hub id or directory: original, transformers or converted MLX (default: {hub.DEFAULT_MODEL})")
@@ -72,54 +83,67 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mimi", metavar="PATH", help="path to Mimi weights (default: beside the model, else kyutai/moshiko-pytorch-bf16)")
     g.add_argument("--dtype", choices=list(DTYPES), help="cast an unquantized model to this dtype")
 
-    g = p.add_argument_group("context (the conversation so far; it sets the voice)")
-    g.add_argument("--voice", choices=list(VOICES), metavar="NAME", help=f"voice prompt of the reference demo, spoken as --speaker: {', '.join(VOICES)}")
-    g.add_argument("--context-audio", action="append", default=[], metavar="FILE", help="audio of a context turn (repeatable)")
-    g.add_argument("--context-text", action="append", default=[], metavar="TEXT", help="transcript of that turn (repeatable)")
-    g.add_argument("--context-speaker", action="append", default=[], type=non_negative_int, metavar="N",
-                   help="speaker of that turn (repeatable; default: --speaker)")
-    g.add_argument("--conversation", metavar="FILE", help="JSON/YAML list of turns {speaker, text, audio}")
 
-    g = p.add_argument_group("sampling")
-    g.add_argument("--max-audio-length-ms", type=float, default=10_000, metavar="MS", help="frame cap in ms (default: 10000)")
+def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling and stopping")
+    g.add_argument("--max-audio-length-ms", type=float, metavar="MS",
+                   help="frame cap per chunk or turn (default: from its length, 3 s + 0.12 s per character)")
+    g.add_argument("--stop-after-repeats", type=int, metavar="N",
+                   help="also stop after N frames in a row with the same codebook-0 code (silence or a loop)")
+    g.add_argument("--chunk-chars", type=int, default=250, metavar="N",
+                   help="speak longer text in chunks of up to N characters, in one voice (default: 250; 0: never)")
     g.add_argument("--temperature", type=float, default=0.9, metavar="T", help="0 is greedy (default: 0.9)")
     g.add_argument("--top-k", type=int, default=50, metavar="K", help="0 disables (default: 50)")
     g.add_argument("--top-p", type=float, default=0.0, metavar="P", help="nucleus sampling, 0 disables (default: 0)")
     g.add_argument("--min-p", type=float, default=0.0, metavar="P", help="0 disables (default: 0)")
     g.add_argument("--seed", type=int, metavar="N", help="seed for reproducible sampling")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("-q", "--quiet", action="store_true", help="print errors only")
+    g.add_argument("-v", "--verbose", action="store_true", help="say what is loaded and what context is dropped")
 
+
+def build_parser() -> argparse.ArgumentParser:
+    p = Parser(prog="csm-mlx", description="Speak text with Sesame's CSM-1b on MLX, optionally in the voice of context "
+               "audio. `csm-mlx dialogue -h` speaks whole scripts.", epilog=EXAMPLES,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("text", nargs="?", help="the text to speak (read from standard input when omitted)")
+    p.add_argument("-o", "--output", metavar="FILE", help="output audio file, .wav or .flac (24 kHz mono)")
+    p.add_argument("--speaker", type=non_negative_int, default=0, metavar="N", help="speaker id of the new turn (default: 0)")
+    add_model_arguments(p)
+    g = p.add_argument_group("context (the conversation so far; it sets the voice)")
+    g.add_argument("--voice", choices=list(VOICES), metavar="NAME",
+                   help=f"voice prompt of the reference demo, spoken as --speaker: {', '.join(VOICES)}")
+    g.add_argument("--context-audio", action="append", default=[], metavar="FILE", help="audio of a context turn (repeatable)")
+    g.add_argument("--context-text", action="append", default=[], metavar="TEXT", help="transcript of that turn (repeatable)")
+    g.add_argument("--context-speaker", action="append", default=[], type=non_negative_int, metavar="N",
+                   help="speaker of that turn (repeatable; default: --speaker)")
+    g.add_argument("--conversation", metavar="FILE", help="JSON/YAML list of turns {speaker, text, audio}")
     g = p.add_argument_group("playback")
     g.add_argument("--play", action="store_true", help="play the speech as it is generated (also writes -o if given)")
     g.add_argument("--stream-chunk-frames", type=int, default=1, metavar="N",
                    help="frames per streamed chunk, 80 ms each (default: 1, lowest latency)")
-
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("-q", "--quiet", action="store_true", help="print errors only")
-    g.add_argument("-v", "--verbose", action="store_true", help="say what is loaded from where")
+    add_sampling_arguments(p)
     return p
 
 
-def read_conversation(path: Path) -> List[Segment]:
-    try:
-        turns = yaml.safe_load(path.read_text())  # YAML is a superset of JSON
-    except FileNotFoundError:
-        raise CliError(f"conversation file {path} does not exist") from None
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise CliError(f"conversation file {path} is not valid JSON/YAML ({e})") from None
-    if not isinstance(turns, list):
-        raise CliError(f"conversation file {path} must hold a list of turns")
-    segments = []
-    for n, turn in enumerate(turns, 1):
-        if not isinstance(turn, dict) or not isinstance(turn.get("text"), str) or "speaker" not in turn:
-            raise CliError(f"{path}: turn {n} needs a speaker and a text")
-        audio = None
-        if turn.get("audio"):
-            try:
-                audio = read_audio(path.parent / turn["audio"])
-            except AudioError as e:
-                raise CliError(f"{path}: turn {n}: {e}") from None
-        segments.append(Segment(turn["speaker"], turn["text"], audio))
-    return segments
+def build_dialogue_parser() -> argparse.ArgumentParser:
+    p = Parser(prog="csm-mlx dialogue", description="Speak a dialogue script turn by turn, each turn with the ones "
+               "before as context, into one audio file.", epilog=DIALOGUE_EXAMPLES,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("script", help='text lines "[speaker] text", or a JSON/YAML list of turns')
+    p.add_argument("-o", "--output", metavar="FILE", required=True, help="the whole dialogue, .wav or .flac")
+    p.add_argument("--turns-dir", metavar="DIR", help="also write each turn to DIR/turn_001.wav, ... as it is done")
+    p.add_argument("--pause-ms", type=float, default=300, metavar="MS", help="silence between turns (default: 300)")
+    g = p.add_argument_group("voices (pinned: never dropped from the context)")
+    g.add_argument("--voice", action="append", default=[], type=speaker_value, metavar="SPEAKER=NAME",
+                   help=f"a voice preset for a speaker, e.g. 0=conversational_a ({', '.join(VOICES)})")
+    g.add_argument("--voice-audio", action="append", default=[], type=speaker_value, metavar="SPEAKER=FILE",
+                   help="a recorded voice prompt for a speaker")
+    g.add_argument("--voice-text", action="append", default=[], type=speaker_value, metavar="SPEAKER=TEXT",
+                   help="the transcript of that speaker's --voice-audio")
+    add_model_arguments(p)
+    add_sampling_arguments(p)
+    return p
 
 
 def read_context(args) -> List[Segment]:
@@ -127,11 +151,26 @@ def read_context(args) -> List[Segment]:
         raise CliError("give one --context-text for each --context-audio")
     if args.context_speaker and len(args.context_speaker) != len(args.context_audio):
         raise CliError("give one --context-speaker for each --context-audio, or none")
-    segments = read_conversation(Path(args.conversation)) if args.conversation else []
+    segments = read_script(args.conversation) if args.conversation else []
     speakers = args.context_speaker or [args.speaker] * len(args.context_audio)
+    # Explicit context sets the voice: pinned, while a conversation's older turns may be dropped.
     for audio, text, speaker in zip(args.context_audio, args.context_text, speakers):
-        segments.append(Segment(speaker, text, read_audio(audio)))
+        segments.append(Segment(speaker, text, read_audio(audio), pinned=True))
     return segments
+
+
+def sampling_options(args) -> dict:
+    return dict(max_audio_length_ms=args.max_audio_length_ms, temperature=args.temperature, top_k=args.top_k,
+                top_p=args.top_p, min_p=args.min_p, seed=args.seed, stop_after_repeats=args.stop_after_repeats)
+
+
+def load(args) -> CSM:
+    if args.verbose:
+        logging.basicConfig(level=logging.INFO, format="csm-mlx: %(message)s")
+    logging.getLogger("csm_mlx").info("loading %s", args.model)
+    csm = CSM.load(args.model, tokenizer=args.tokenizer, mimi=args.mimi, dtype=args.dtype)
+    logging.getLogger("csm_mlx").info("model from %s", csm.model_dir)
+    return csm
 
 
 class Progress:
@@ -153,6 +192,13 @@ class Progress:
         if self.enabled:
             print(file=sys.stderr)
 
+    def summary(self, report: str) -> str:
+        wall = time.perf_counter() - self.start
+        audio_s = self.frames * FRAME_MS / 1000
+        rtf = f"{wall / audio_s:.2f}" if audio_s else "-"
+        return (f"{report} ({self.frames} frames) in {wall:.2f} s, RTF {rtf}, "
+                f"peak memory {mx.get_peak_memory() / 1e9:.2f} GB")
+
 
 def run(args) -> None:
     text = args.text if args.text is not None else sys.stdin.read()
@@ -162,40 +208,31 @@ def run(args) -> None:
         raise CliError("nowhere to put the audio: give -o FILE.wav, --play, or both")
     output = check_output_path(args.output) if args.output else None
     context = read_context(args)
-
-    log = (lambda msg: print(msg, file=sys.stderr)) if args.verbose else (lambda msg: None)
-    log(f"loading {args.model}")
-    csm = CSM.load(args.model, tokenizer=args.tokenizer, mimi=args.mimi, dtype=args.dtype)
-    log(f"model from {csm.model_dir}")
+    csm = load(args)
     if args.voice:
         context.insert(0, csm.voice(args.voice, args.speaker))
 
-    sampling = dict(max_audio_length_ms=args.max_audio_length_ms, temperature=args.temperature, top_k=args.top_k,
-                    top_p=args.top_p, min_p=args.min_p, seed=args.seed)
+    options = dict(sampling_options(args), chunk_chars=args.chunk_chars)
     progress = Progress(not args.quiet)
     mx.reset_peak_memory()
     if args.play:
-        report = play(csm, text, args.speaker, context, sampling, args.stream_chunk_frames, progress, output)
+        report = play(csm, text, args.speaker, context, options, args.stream_chunk_frames, progress, output)
     else:
-        speech = csm.generate(text, args.speaker, context, on_frame=progress, **sampling)
+        speech = csm.generate(text, args.speaker, context, on_frame=progress, **options)
         progress.close()
         write_audio(output, speech.audio, speech.sample_rate)
         report = f"wrote {output}: {speech.duration:.2f} s audio"
-    wall = time.perf_counter() - progress.start
     if not args.quiet:
-        audio_s = progress.frames * FRAME_MS / 1000
-        rtf = f"{wall / audio_s:.2f}" if audio_s else "-"
-        print(f"{report} ({progress.frames} frames) in {wall:.2f} s, RTF {rtf}, "
-              f"peak memory {mx.get_peak_memory() / 1e9:.2f} GB", file=sys.stderr)
+        print(progress.summary(report), file=sys.stderr)
 
 
-def play(csm, text, speaker, context, sampling, chunk_frames, progress, output) -> str:
+def play(csm, text, speaker, context, options, chunk_frames, progress, output) -> str:
     """Play the speech as it is generated; write it to output too (also when interrupted)."""
-    expected = min(expected_seconds(text), sampling["max_audio_length_ms"] / 1000)
-    player = Player(expected_seconds=expected)
+    cap = options["max_audio_length_ms"]
+    player = Player(expected_seconds=min(expected_seconds(text), cap / 1000 if cap else float("inf")))
     chunks, first_audio = [], None
     try:
-        for chunk in csm.stream(text, speaker, context, chunk_frames=chunk_frames, **sampling):
+        for chunk in csm.stream(text, speaker, context, chunk_frames=chunk_frames, **options):
             first_audio = first_audio or time.perf_counter() - progress.start
             chunks.append(chunk)
             player.feed(chunk)
@@ -218,10 +255,51 @@ def play(csm, text, speaker, context, sampling, chunk_frames, progress, output) 
     return report
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+def run_dialogue(args) -> None:
+    output = check_output_path(args.output)
+    turns_dir = Path(args.turns_dir) if args.turns_dir else None
+    if turns_dir is not None:
+        turns_dir.mkdir(parents=True, exist_ok=True)
+        check_output_path(turns_dir / "turn_001.wav")
+    turns = read_script(args.script)
+    texts = dict(args.voice_text)
+    recorded = []
+    for speaker, path in args.voice_audio:
+        if speaker not in texts:
+            raise CliError(f"--voice-audio {speaker}={path} needs --voice-text {speaker}=TRANSCRIPT")
+        recorded.append(Segment(speaker, texts[speaker], read_audio(path)))
+    csm = load(args)
+    voices = [csm.voice(name, speaker) for speaker, name in args.voice] + recorded
+
+    finished: List[np.ndarray] = []
+    start = time.perf_counter()
     try:
-        run(args)
+        for n, speech in enumerate(csm.dialogue(turns, voices, chunk_chars=args.chunk_chars, **sampling_options(args)), 1):
+            finished.append(speech.audio)
+            if turns_dir is not None:
+                write_audio(turns_dir / f"turn_{n:03d}.wav", speech.audio)
+            if not args.quiet:
+                print(f"turn {n}/{len(turns)} (speaker {turns[n - 1].speaker}): {speech.duration:.2f} s", file=sys.stderr)
+    except KeyboardInterrupt:
+        if finished:
+            write_audio(output, join_turns(finished, SAMPLE_RATE, args.pause_ms))
+            print(f"csm-mlx: interrupted; wrote the {len(finished)} finished turn(s) to {output}", file=sys.stderr)
+        raise
+    audio = join_turns(finished, SAMPLE_RATE, args.pause_ms)
+    write_audio(output, audio)
+    if not args.quiet:
+        print(f"wrote {output}: {len(turns)} turns, {len(audio) / SAMPLE_RATE:.2f} s in "
+              f"{time.perf_counter() - start:.2f} s", file=sys.stderr)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["dialogue"]:
+        args, command = build_dialogue_parser().parse_args(argv[1:]), run_dialogue
+    else:
+        args, command = build_parser().parse_args(argv), run
+    try:
+        command(args)
     except (CliError, *USER_ERRORS) as e:
         print(f"csm-mlx: error: {e}", file=sys.stderr)
         return 2

@@ -3,12 +3,15 @@
 from . import blas  # noqa: F401  (first: it must run before mlx.core is loaded)
 
 from .checkpoint import CheckpointError, load_model
-from .generator import CSM, Segment, Speech
+from .conversation import Conversation
+from .generator import CSM
+from .segment import Segment, Speech
 from .generation import TokenizedSegment, generate, generate_frames, make_frame_sampler, prompt_rows
 from .models import Model, ModelArgs, TransformerArgs
 
 __all__ = [
     "CSM",
+    "Conversation",
     "CheckpointError",
     "Segment",
     "Speech",

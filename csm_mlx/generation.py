@@ -2,7 +2,7 @@
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import mlx.core as mx
 import numpy as np
@@ -25,6 +25,13 @@ class TokenizedSegment:
 
     text_tokens: Sequence[int]
     audio_codes: Optional[np.ndarray] = None
+    pinned: bool = False  # a voice prompt: never dropped to fit the window
+
+    @property
+    def rows(self) -> int:
+        """Prompt rows: one per text token; per audio frame plus the end-of-audio row."""
+        audio = 0 if self.audio_codes is None else np.shape(self.audio_codes)[1] + 1
+        return len(self.text_tokens) + audio
 
 
 def text_rows(text_tokens: Sequence[int], n_codebooks: int = 32) -> Tuple[np.ndarray, np.ndarray]:
@@ -110,11 +117,14 @@ def generate_frames(
     sampler: Sampler,
     max_frames: int,
     compiled: bool = True,
+    cache: Optional[List[Any]] = None,
 ) -> Iterator[np.ndarray]:
     """Yield frames (32,) int codes until the end-of-speech frame or max_frames.
 
-    End of speech is the reference's: a frame whose codes are all zero, not yielded."""
-    for codes, _ in generate_batch_frames(model, [(tokens, mask)], sampler, max_frames, compiled):
+    End of speech is the reference's: a frame whose codes are all zero, not yielded.
+    With a backbone cache that already holds earlier rows, tokens/mask are the rows that
+    follow them; the generated frames are appended to the cache as they are fed back."""
+    for codes, _ in generate_batch_frames(model, [(tokens, mask)], sampler, max_frames, compiled, cache):
         yield codes[0]
 
 
@@ -124,6 +134,7 @@ def generate_batch_frames(
     sampler: Sampler,
     max_frames: int,
     compiled: bool = True,
+    cache: Optional[List[Any]] = None,
 ) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
     """Generate for several prompts (tokens, mask) at once; yield (frames (B, 32), active (B,)).
 
@@ -134,18 +145,22 @@ def generate_batch_frames(
     before the current one is read back, so the device never waits for the host between frames.
     """
     limit = model.args.backbone.max_seq_len
-    longest = max(len(t) for t, _ in prompts)
+    cached = cache[0].offset if cache is not None else 0
+    longest = cached + max(len(t) for t, _ in prompts)
     if longest + max_frames > limit:
         raise ValueError(
             f"prompt of {longest} rows plus {max_frames} frames exceeds the model's "
             f"{limit}-row window: shorten the context or the maximum audio length"
         )
-    padding = [longest - len(t) for t, _ in prompts]
+    padding = [longest - cached - len(t) for t, _ in prompts]
     tokens = np.stack([np.pad(t, ((p, 0), (0, 0))) for (t, _), p in zip(prompts, padding)])
     mask = np.stack([np.pad(m, ((p, 0), (0, 0))) for (_, m), p in zip(prompts, padding)])
     decode = frame_decoder(model, sampler, compiled)
-    # Without padding (one prompt, or equal lengths) the plain cache needs no per-step mask.
-    cache = [BatchKVCache(padding) for _ in model.backbone.layers] if any(padding) else model.backbone.make_cache()
+    if cache is None:
+        # Without padding (one prompt, or equal lengths) the plain cache needs no per-step mask.
+        cache = [BatchKVCache(padding) for _ in model.backbone.layers] if any(padding) else model.backbone.make_cache()
+    elif len(prompts) > 1:
+        raise ValueError("continuing from a cache takes a single prompt")
     h = model.backbone(model.embed_rows(mx.array(tokens), mx.array(mask)), cache)
     frame = decode(h[:, -1])
     mx.async_eval(frame)
@@ -209,24 +224,26 @@ def generate(
 
 def generate_batch(
     model: Model,
-    items: Sequence[Tuple[Sequence[int], Sequence[TokenizedSegment]]],
+    prompts: Sequence[Tuple[np.ndarray, np.ndarray]],
     *,
-    max_frames: int = 125,
+    max_frames: Union[int, Sequence[int]] = 125,
     temperature: float = 0.9,
     top_k: int = 50,
     top_p: float = 0.0,
     min_p: float = 0.0,
     seed: Optional[int] = None,
 ) -> List[np.ndarray]:
-    """Mimi codes (32, T_i) for several (text_tokens, context) items generated together.
+    """Mimi codes (32, T_i) for several prompts (tokens, mask) generated together.
 
-    Greedy, each item gets the frames it gets alone; each stops at its own end of speech."""
-    prompts = [prompt_rows(context, text, model.args.audio_num_codebooks) for text, context in items]
+    max_frames is one cap for all or one per prompt. Greedy, each item gets the frames it
+    gets alone; each stops at its own end of speech or cap."""
+    caps = [max_frames] * len(prompts) if isinstance(max_frames, int) else list(max_frames)
     sampler = seeded_sampler(temperature, top_k, top_p, min_p, seed)
-    codes: List[List[np.ndarray]] = [[] for _ in items]
-    for batch, active in generate_batch_frames(model, prompts, sampler, max_frames):
+    codes: List[List[np.ndarray]] = [[] for _ in prompts]
+    for step, (batch, active) in enumerate(generate_batch_frames(model, prompts, sampler, max(caps))):
         for i in np.flatnonzero(active):
-            codes[i].append(batch[i])
+            if step < caps[i]:
+                codes[i].append(batch[i])
     return [_stack(c, model) for c in codes]
 
 

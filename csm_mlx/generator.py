@@ -7,7 +7,6 @@
 """
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
@@ -17,7 +16,10 @@ from . import hub
 from .audio import AudioError, read_audio
 from .checkpoint import load_model
 from .codec import SAMPLE_RATE, Mimi
-from .generation import FRAME_MS, TokenizedSegment, frames, generate_batch
+from .conversation import Conversation, frame_cap
+from .generation import TokenizedSegment, generate_batch
+from .segment import Segment, Speech, check_speaker
+from .text import chunk_text
 from .models import Model
 from .tokenizer import TextTokenizer
 
@@ -45,48 +47,6 @@ VOICES: Dict[str, str] = {
         "bracelet and then you can go punching question blocks around."
     ),
 }
-
-
-@dataclass
-class Segment:
-    """One turn of a conversation: who spoke, what they said, and (for context) how it sounded.
-
-    audio is 24 kHz mono float32; use csm_mlx.audio.read_audio to load any file."""
-
-    speaker: int
-    text: str
-    audio: Optional[np.ndarray] = None
-
-
-@dataclass
-class Speech:
-    audio: np.ndarray  # float32 (samples,)
-    sample_rate: int
-    codes: np.ndarray  # Mimi codes (32, frames)
-
-    @property
-    def duration(self) -> float:
-        return len(self.audio) / self.sample_rate
-
-
-def expected_seconds(text: str) -> float:
-    """A rough length of text spoken at a conversational ~150 words per minute (0.4 s a word) plus
-    half a second; used to plan playback, never to cut speech."""
-    return 0.5 + 0.4 * len(text.split())
-
-
-def _max_frames(max_audio_length_ms: float) -> int:
-    """The frame cap, as the reference computes it."""
-    max_frames = int(max_audio_length_ms / FRAME_MS)
-    if max_frames < 1:
-        raise ValueError(f"max_audio_length_ms must be at least {FRAME_MS} (one frame)")
-    return max_frames
-
-
-def check_speaker(speaker) -> int:
-    if isinstance(speaker, bool) or not isinstance(speaker, (int, np.integer)) or speaker < 0:
-        raise ValueError(f"speaker must be a non-negative integer, got {speaker!r}")
-    return int(speaker)
 
 
 def _local_or_hub(explicit: Optional[os.PathLike], beside_model: Path, repo: str, filename: str) -> Path:
@@ -138,13 +98,13 @@ class CSM:
         return cls(csm_model, TextTokenizer(tokenizer_path), Mimi(mimi_path), model_dir)
 
     def voice(self, name: str, speaker: int = 0) -> Segment:
-        """A voice preset of the reference demo as a context segment for speaker."""
+        """A voice preset of the reference demo: a pinned context segment for speaker."""
         if name not in VOICES:
             raise ValueError(f"unknown voice {name!r}: choose one of {', '.join(VOICES)}")
         filename = f"prompts/{name}.wav"
         local = self.model_dir / filename if self.model_dir else None
         path = local if local is not None and local.is_file() else hub.download(hub.DEFAULT_MODEL, [filename]) / filename
-        return Segment(speaker, VOICES[name], read_audio(path))
+        return Segment(speaker, VOICES[name], read_audio(path), pinned=True)
 
     def tokenize(self, segment: Segment) -> TokenizedSegment:
         check_speaker(segment.speaker)
@@ -154,7 +114,16 @@ class CSM:
             if audio.ndim != 1 or audio.size == 0:
                 raise AudioError(f"context audio of speaker {segment.speaker} must be non-empty mono (samples,)")
             codes = self.mimi.encode(audio)
-        return TokenizedSegment(self.tokenizer.encode(segment.text, segment.speaker), codes)
+        return TokenizedSegment(self.tokenizer.encode(segment.text, segment.speaker), codes, segment.pinned)
+
+    def speech(self, codes: np.ndarray) -> Speech:
+        """Speech for Mimi codes (32, frames), decoded in one pass."""
+        audio = self.mimi.decode(codes) if codes.shape[1] else np.zeros(0, np.float32)
+        return Speech(audio, self.sample_rate, codes)
+
+    def conversation(self, context: Sequence[Segment] = ()) -> Conversation:
+        """A conversation to speak turn after turn, each generated turn becoming context."""
+        return Conversation(self, context)
 
     def frames(
         self,
@@ -162,30 +131,26 @@ class CSM:
         speaker: int = 0,
         context: Sequence[Segment] = (),
         *,
-        max_audio_length_ms: float = 10_000,
+        chunk_chars: int = 250,
+        max_audio_length_ms: Optional[float] = None,
         temperature: float = 0.9,
         top_k: int = 50,
         top_p: float = 0.0,
         min_p: float = 0.0,
         seed: Optional[int] = None,
+        stop_after_repeats: Optional[int] = None,
     ) -> Iterator[np.ndarray]:
         """Mimi frames (32,) of text spoken by speaker after the context, as they are generated.
 
-        Stops at the model's end of speech or after max_audio_length_ms (the frame cap).
-        temperature 0 is greedy; top_k / top_p / min_p of 0 are off; seed makes sampling repeatable."""
-        if not text or not text.strip():
-            raise ValueError("text is empty: give the words to speak")
-        return frames(
-            self.model,
-            self.tokenizer.encode(text, check_speaker(speaker)),
-            [self.tokenize(s) for s in context],
-            max_frames=_max_frames(max_audio_length_ms),
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            min_p=min_p,
-            seed=seed,
-        )
+        Text longer than chunk_chars is spoken chunk by chunk (sentences, then clauses), each
+        chunk with the ones before as context, so the voice stays the same. Each chunk stops at
+        the model's end of speech, or at its frame cap: max_audio_length_ms, or by default one
+        derived from its length (conversation.max_audio_seconds); stop_after_repeats ends it
+        after that many frames with the same codebook-0 code. temperature 0 is greedy; top_k,
+        top_p, min_p of 0 are off; seed makes sampling repeatable."""
+        return _turn_frames(Conversation(self, context), text, speaker, chunk_chars, seed,
+                            max_audio_length_ms=max_audio_length_ms, temperature=temperature, top_k=top_k,
+                            top_p=top_p, min_p=min_p, stop_after_repeats=stop_after_repeats)
 
     def generate(
         self,
@@ -194,20 +159,16 @@ class CSM:
         context: Sequence[Segment] = (),
         *,
         on_frame: Optional[Callable[[int], None]] = None,
-        **sampling,
+        **kwargs,
     ) -> Speech:
-        """Speak text as speaker after the context turns; sampling arguments as for frames().
+        """Speak text as speaker after the context turns; arguments as for frames().
         on_frame(n) is called after each frame."""
         codes = []
-        for frame in self.frames(text, speaker, context, **sampling):
+        for frame in self.frames(text, speaker, context, **kwargs):
             codes.append(frame)
             if on_frame is not None:
                 on_frame(len(codes))
-        return self._speech(np.stack(codes, axis=1) if codes else np.zeros((32, 0), np.int32))
-
-    def _speech(self, codes: np.ndarray) -> Speech:
-        audio = self.mimi.decode(codes) if codes.shape[1] else np.zeros(0, np.float32)
-        return Speech(audio, self.sample_rate, codes)
+        return self.speech(np.stack(codes, axis=1) if codes else np.zeros((32, 0), np.int32))
 
     def generate_batch(
         self,
@@ -215,7 +176,7 @@ class CSM:
         speaker: int = 0,
         context: Sequence[Segment] = (),
         *,
-        max_audio_length_ms: float = 10_000,
+        max_audio_length_ms: Optional[float] = None,
         temperature: float = 0.9,
         top_k: int = 50,
         top_p: float = 0.0,
@@ -229,18 +190,35 @@ class CSM:
         if not texts or any(not t or not t.strip() for t in texts):
             raise ValueError("every text of a batch must be non-empty")
         speaker = check_speaker(speaker)
-        shared = [self.tokenize(s) for s in context]
-        codes = generate_batch(
-            self.model,
-            [(self.tokenizer.encode(t, speaker), shared) for t in texts],
-            max_frames=_max_frames(max_audio_length_ms),
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            min_p=min_p,
-            seed=seed,
-        )
-        return [self._speech(c) for c in codes]
+        conversation = Conversation(self, context)
+        caps = [frame_cap(t, max_audio_length_ms) for t in texts]
+        prompts = [conversation.prompt(self.tokenizer.encode(t, speaker), max(caps)) for t in texts]
+        codes = generate_batch(self.model, prompts, max_frames=caps, temperature=temperature, top_k=top_k,
+                               top_p=top_p, min_p=min_p, seed=seed)
+        return [self.speech(c) for c in codes]
+
+    def dialogue(
+        self,
+        turns: Sequence[Segment],
+        voices: Sequence[Segment] = (),
+        *,
+        chunk_chars: int = 250,
+        seed: Optional[int] = None,
+        **kwargs,
+    ) -> Iterator[Speech]:
+        """Speak a script turn by turn, each turn with the ones before as context.
+
+        Turns with audio are taken as spoken (they become context and come back as they
+        are); the others are generated. voices are pinned prompts, e.g. one per speaker.
+        Yields each turn's Speech as soon as it is done; arguments as for frames()."""
+        conversation = Conversation(self, [Segment(v.speaker, v.text, v.audio, pinned=True) for v in voices])
+        for n, turn in enumerate(turns):
+            if turn.audio is not None:
+                conversation.add(turn)
+                yield Speech(np.asarray(turn.audio, np.float32), self.sample_rate, conversation.history[-1].audio_codes)
+            else:
+                codes = list(_turn_frames(conversation, turn.text, turn.speaker, chunk_chars, seed if n == 0 else None, **kwargs))
+                yield self.speech(np.stack(codes, axis=1) if codes else np.zeros((32, 0), np.int32))
 
     def stream(
         self,
@@ -249,16 +227,16 @@ class CSM:
         context: Sequence[Segment] = (),
         *,
         chunk_frames: int = 1,
-        **sampling,
+        **kwargs,
     ) -> Iterator[np.ndarray]:
         """Audio chunks (float32, chunk_frames * 1920 samples; the last may be shorter) as frames
-        are generated; sampling arguments as for frames().
+        are generated; arguments as for frames().
 
         Decoding is Mimi's streaming decoder: one state for the whole stream, reset when a
         stream starts, so chunks join with no seam. One stream at a time per CSM object."""
         if chunk_frames < 1:
             raise ValueError(f"chunk_frames must be at least 1, got {chunk_frames}")
-        source = self.frames(text, speaker, context, **sampling)
+        source = self.frames(text, speaker, context, **kwargs)
         self.mimi.reset()
         pending = []
         for frame in source:
@@ -268,3 +246,21 @@ class CSM:
                 pending.clear()
         if pending:
             yield self.mimi.decode_step(np.stack(pending, axis=1))
+
+
+def _turn_frames(
+    conversation: Conversation, text: str, speaker: int, chunk_chars: int, seed: Optional[int], **kwargs
+) -> Iterator[np.ndarray]:
+    """Frames of one turn, spoken chunk by chunk (each chunk a turn of the conversation, so the
+    chunks before are its context). One seed for the whole text: later chunks continue the
+    random stream. Bad input fails here, not at the first frame."""
+    if not text or not text.strip():
+        raise ValueError("text is empty: give the words to speak")
+    check_speaker(speaker)
+    chunks = chunk_text(text, chunk_chars) if chunk_chars else [text]
+
+    def speak():
+        for n, chunk in enumerate(chunks):
+            yield from conversation.frames(chunk, speaker, seed=seed if n == 0 else None, **kwargs)
+
+    return speak()

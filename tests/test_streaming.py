@@ -148,7 +148,7 @@ def test_ctrl_c_during_playback_keeps_what_was_generated(hub_cache, tmp_path):
     proc = subprocess.Popen([CLI, "Hello", "--play", "-o", str(out), "-v", "--max-audio-length-ms", "150000"],
                             stderr=subprocess.PIPE, text=True, env=alsa_env(tmp_path, capture=False))
     for line in proc.stderr:
-        if line.startswith("model from"):
+        if "model from" in line:
             break
     time.sleep(1.5)
     proc.send_signal(signal.SIGINT)

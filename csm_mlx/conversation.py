@@ -1,0 +1,218 @@
+"""A conversation that remembers: every turn becomes context for the next.
+
+The backbone's KV cache is kept between turns: the next prompt shares the previous one's rows
+up to where they differ (normally all of it: the previous prompt, then the frames it generated),
+so only the new rows are prefilled. Turns that no longer fit the window are dropped oldest
+first, never a pinned voice prompt.
+"""
+
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .context import fit_context
+from .generation import FRAME_MS, TokenizedSegment, audio_rows, generate_frames, prompt_rows, seeded_sampler
+from .segment import Segment, Speech, check_speaker
+
+if TYPE_CHECKING:
+    from .generator import CSM
+
+
+def max_audio_seconds(text: str) -> float:
+    """The default frame cap: 3 s plus 0.12 s per non-space character. Speech runs at about
+    12-15 characters a second, so a slow speaker gets ~50% headroom, while a model that never
+    says it is done stops soon after the text could have been spoken."""
+    return 3.0 + 0.12 * len("".join(text.split()))
+
+
+def expected_seconds(text: str) -> float:
+    """A rough length of text spoken at a conversational ~150 words per minute (0.4 s a word) plus
+    half a second; used to plan playback, never to cut speech."""
+    return 0.5 + 0.4 * len(text.split())
+
+
+def frame_cap(text: str, max_audio_length_ms: Optional[float]) -> int:
+    seconds = max_audio_seconds(text) if max_audio_length_ms is None else max_audio_length_ms / 1000
+    frames = int(seconds * 1000 / FRAME_MS)
+    if frames < 1:
+        raise ValueError(f"max_audio_length_ms must be at least {FRAME_MS} (one frame)")
+    return frames
+
+
+def until_repeats(frames: Iterator[np.ndarray], repeats: Optional[int]) -> Iterator[np.ndarray]:
+    """Stop once codebook 0 has been the same for `repeats` frames in a row: the run-on of a
+    model stuck in silence or a loop (the run's first repeats-1 frames are kept)."""
+    run, last = 0, None
+    for frame in frames:
+        run = run + 1 if frame[0] == last else 1
+        last = frame[0]
+        if repeats is not None and run >= repeats:
+            return
+        yield frame
+
+
+def _common_prefix(a: Tuple[np.ndarray, np.ndarray], b: Tuple[np.ndarray, np.ndarray]) -> int:
+    n = min(len(a[0]), len(b[0]))
+    same = (a[0][:n] == b[0][:n]).all(axis=1) & (a[1][:n] == b[1][:n]).all(axis=1)
+    return n if same.all() else int(np.argmin(same))
+
+
+class Conversation:
+    """Turns spoken so far (given or generated) and the backbone cache over them."""
+
+    def __init__(self, csm: "CSM", context: Sequence[Segment] = (), reuse_cache: bool = True):
+        self.csm = csm
+        self.history: List[TokenizedSegment] = [csm.tokenize(s) for s in context]
+        self.reuse_cache = reuse_cache
+        self._cache = None
+        self._cached_rows: Optional[Tuple[np.ndarray, np.ndarray]] = None
+        self.prefilled_rows: List[int] = []  # rows run through the backbone before each turn's first frame
+
+    def add(self, segment: Segment) -> None:
+        """A turn that was spoken, not generated (its audio, if any, becomes context)."""
+        self.history.append(self.csm.tokenize(segment))
+
+    def prompt(self, text_tokens: Sequence[int], max_frames: int) -> Tuple[np.ndarray, np.ndarray]:
+        """Prompt rows for the next turn: the turns that fit, then its text."""
+        window = self.csm.model.args.backbone.max_seq_len
+        keep = fit_context([s.rows for s in self.history], [s.pinned for s in self.history],
+                           len(text_tokens) + max_frames, window)
+        return prompt_rows([self.history[i] for i in keep], text_tokens, self.csm.model.args.audio_num_codebooks)
+
+    def _start(self, rows: Tuple[np.ndarray, np.ndarray]) -> int:
+        """Make the cache hold a prefix of rows; return how many rows it holds."""
+        if not self.reuse_cache or self._cache is None:
+            self._cache = self.csm.model.backbone.make_cache()
+            self._cached_rows = (rows[0][:0], rows[1][:0])
+        # at least one new row must run through the backbone to predict the first frame
+        keep = min(_common_prefix(self._cached_rows, rows), len(rows[0]) - 1)
+        for layer in self._cache:
+            layer.trim(layer.offset - keep)
+        return keep
+
+    def frames(
+        self,
+        text: str,
+        speaker: int = 0,
+        *,
+        max_audio_length_ms: Optional[float] = None,
+        temperature: float = 0.9,
+        top_k: int = 50,
+        top_p: float = 0.0,
+        min_p: float = 0.0,
+        seed: Optional[int] = None,
+        stop_after_repeats: Optional[int] = None,
+    ) -> Iterator[np.ndarray]:
+        """Frames (32,) of the next turn as they are generated; the turn joins the history when
+        the iteration ends (also when it is stopped early: what was generated is kept).
+
+        max_audio_length_ms None caps the turn by its text length (max_audio_seconds);
+        stop_after_repeats ends it after that many frames with the same codebook-0 code."""
+        if not text or not text.strip():
+            raise ValueError("text is empty: give the words to speak")
+        text_tokens = self.csm.tokenizer.encode(text, check_speaker(speaker))
+        max_frames = frame_cap(text, max_audio_length_ms)
+        rows = self.prompt(text_tokens, max_frames)
+        sampler = seeded_sampler(temperature, top_k, top_p, min_p, seed)
+        cached = self._start(rows)
+        self.prefilled_rows.append(len(rows[0]) - cached)
+        source = generate_frames(self.csm.model, rows[0][cached:], rows[1][cached:], sampler, max_frames,
+                                 cache=self._cache)
+        kept: List[np.ndarray] = []
+        try:
+            for frame in until_repeats(source, stop_after_repeats):
+                kept.append(frame)
+                yield frame
+        finally:
+            source.close()
+            self._finish(rows, TokenizedSegment(text_tokens, np.stack(kept, axis=1) if kept else np.zeros((32, 0), np.int32)))
+
+    def _finish(self, rows: Tuple[np.ndarray, np.ndarray], turn: TokenizedSegment) -> None:
+        """Record the turn; trim the cache to the rows it holds that the next prompt will share:
+        the prompt, then the frames that were both kept and fed back."""
+        self.history.append(turn)
+        fed = self._cache[0].offset - len(rows[0])
+        if fed < 0:  # stopped before the prompt was in: start afresh next turn
+            self._cache = None
+            return
+        valid = min(fed, turn.audio_codes.shape[1])
+        for layer in self._cache:
+            layer.trim(fed - valid)
+        frame_tokens, frame_mask = audio_rows(turn.audio_codes[:, :valid])
+        self._cached_rows = (np.concatenate([rows[0], frame_tokens[:-1]]), np.concatenate([rows[1], frame_mask[:-1]]))
+
+    def say(self, text: str, speaker: int = 0, **kwargs) -> Speech:
+        """Generate the next turn and decode it; arguments as for frames()."""
+        codes = list(self.frames(text, speaker, **kwargs))
+        return self.csm.speech(np.stack(codes, axis=1) if codes else np.zeros((32, 0), np.int32))
+
+
+def join_turns(turns: Sequence[np.ndarray], sample_rate: int, pause_ms: float = 300, fade_ms: float = 5) -> np.ndarray:
+    """One track from separately decoded turns: a short fade at each turn's ends (no click where
+    a turn starts or stops off zero) and pause_ms of silence between turns."""
+    fade = int(sample_rate * fade_ms / 1000)
+    pause = np.zeros(int(sample_rate * pause_ms / 1000), np.float32)
+    parts = []
+    for n, audio in enumerate(turns):
+        audio = np.array(audio, dtype=np.float32)
+        ramp = np.linspace(0.0, 1.0, min(fade, len(audio) // 2), dtype=np.float32)
+        if len(ramp):
+            audio[: len(ramp)] *= ramp
+            audio[len(audio) - len(ramp) :] *= ramp[::-1]
+        parts += [pause, audio] if n else [audio]
+    return np.concatenate(parts) if parts else np.zeros(0, np.float32)
+
+
+class ScriptError(ValueError):
+    """A dialogue script that cannot be read; the message names the file and the turn."""
+
+
+def read_script(path) -> List[Segment]:
+    """Turns of a script: JSON/YAML (.json, .yaml, .yml) holding a list of {speaker, text, audio?}
+    (audio paths relative to the file), or text lines "[speaker] text" (blank lines skipped)."""
+    import yaml  # only scripts need it
+
+    from .audio import AudioError, read_audio
+
+    path = Path(path)
+    try:
+        content = path.read_text()
+    except FileNotFoundError:
+        raise ScriptError(f"script {path} does not exist") from None
+    except (UnicodeDecodeError, IsADirectoryError) as e:
+        raise ScriptError(f"script {path} is not a text file ({e})") from None
+    if path.suffix.lower() in (".json", ".yaml", ".yml"):
+        try:
+            turns = yaml.safe_load(content)  # YAML is a superset of JSON
+        except yaml.YAMLError as e:
+            raise ScriptError(f"{path} is not valid JSON/YAML ({e})") from None
+        if not isinstance(turns, list):
+            raise ScriptError(f"{path} must hold a list of turns")
+    else:
+        turns = []
+        for number, line in enumerate(content.splitlines(), 1):
+            if line.strip():
+                tag = re.fullmatch(r"\s*\[(\d+)\]\s*(.+)", line)
+                if tag is None:
+                    raise ScriptError(f"{path}:{number}: expected '[speaker] text', e.g. '[0] Hello'")
+                turns.append({"speaker": int(tag.group(1)), "text": tag.group(2).strip()})
+    segments = []
+    for n, turn in enumerate(turns, 1):
+        if not isinstance(turn, dict) or not isinstance(turn.get("text"), str) or not turn["text"].strip():
+            raise ScriptError(f"{path}: turn {n} needs a speaker and a non-empty text")
+        try:
+            speaker = check_speaker(turn.get("speaker"))
+        except ValueError as e:
+            raise ScriptError(f"{path}: turn {n}: {e}") from None
+        audio = None
+        if turn.get("audio"):
+            try:
+                audio = read_audio(path.parent / turn["audio"])
+            except AudioError as e:
+                raise ScriptError(f"{path}: turn {n}: {e}") from None
+        segments.append(Segment(speaker, turn["text"], audio))
+    if not segments:
+        raise ScriptError(f"{path} holds no turns")
+    return segments

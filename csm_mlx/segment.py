@@ -1,0 +1,36 @@
+"""What a conversation is made of: turns (segments) in, speech out."""
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+
+@dataclass
+class Segment:
+    """One turn of a conversation: who spoke, what they said, and (for context) how it sounded.
+
+    audio is 24 kHz mono float32; use csm_mlx.audio.read_audio to load any file.
+    A pinned segment (a voice prompt) is never dropped to fit the context window."""
+
+    speaker: int
+    text: str
+    audio: Optional[np.ndarray] = None
+    pinned: bool = False
+
+
+@dataclass
+class Speech:
+    audio: np.ndarray  # float32 (samples,)
+    sample_rate: int
+    codes: np.ndarray  # Mimi codes (32, frames)
+
+    @property
+    def duration(self) -> float:
+        return len(self.audio) / self.sample_rate
+
+
+def check_speaker(speaker) -> int:
+    if isinstance(speaker, bool) or not isinstance(speaker, (int, np.integer)) or speaker < 0:
+        raise ValueError(f"speaker must be a non-negative integer, got {speaker!r}")
+    return int(speaker)
