@@ -145,3 +145,12 @@ def test_batch_items_end_at_their_own_end_of_speech(model, text_tokens):
     assert len(steps) == 6
     assert [bool(active[1]) for _, active in steps] == [True, True, False, False, False, False]
     assert all(active[0] for _, active in steps)
+
+
+def test_prefill_in_passes_gives_the_single_pass_frames(model, monkeypatch):
+    import csm_mlx.generation as generation
+
+    text = np.random.default_rng(5).integers(0, model.args.text_vocab_size, 700).tolist()
+    in_passes = generate(model, text, max_frames=6, temperature=0)
+    monkeypatch.setattr(generation, "PREFILL_ROWS", 10_000)
+    np.testing.assert_array_equal(in_passes, generate(model, text, max_frames=6, temperature=0))
