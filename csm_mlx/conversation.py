@@ -13,7 +13,15 @@ from typing import TYPE_CHECKING, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .context import fit_context
-from .generation import FRAME_MS, TokenizedSegment, audio_rows, generate_frames, prompt_rows, seeded_sampler
+from .generation import (
+    FRAME_MS,
+    TokenizedSegment,
+    audio_rows,
+    generate_frames,
+    prompt_rows,
+    seeded_sampler,
+    stack_frames,
+)
 from .segment import Segment, Speech, check_speaker
 
 if TYPE_CHECKING:
@@ -127,7 +135,7 @@ class Conversation:
                 yield frame
         finally:
             source.close()
-            self._finish(rows, TokenizedSegment(text_tokens, np.stack(kept, axis=1) if kept else np.zeros((32, 0), np.int32)))
+            self._finish(rows, TokenizedSegment(text_tokens, stack_frames(kept)))
 
     def _finish(self, rows: Tuple[np.ndarray, np.ndarray], turn: TokenizedSegment) -> None:
         """Record the turn; trim the cache to the rows it holds that the next prompt will share:
@@ -145,8 +153,7 @@ class Conversation:
 
     def say(self, text: str, speaker: int = 0, **kwargs) -> Speech:
         """Generate the next turn and decode it; arguments as for frames()."""
-        codes = list(self.frames(text, speaker, **kwargs))
-        return self.csm.speech(np.stack(codes, axis=1) if codes else np.zeros((32, 0), np.int32))
+        return self.csm.speech(stack_frames(list(self.frames(text, speaker, **kwargs))))
 
 
 def join_turns(turns: Sequence[np.ndarray], sample_rate: int, pause_ms: float = 300, fade_ms: float = 5) -> np.ndarray:

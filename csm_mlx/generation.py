@@ -226,7 +226,7 @@ def generate(
         codes.append(frame)
         if on_frame is not None:
             on_frame(len(codes))
-    return _stack(codes, model)
+    return stack_frames(codes, model.args.audio_num_codebooks)
 
 
 def generate_batch(
@@ -251,8 +251,9 @@ def generate_batch(
         for i in np.flatnonzero(active):
             if step < caps[i]:
                 codes[i].append(batch[i])
-    return [_stack(c, model) for c in codes]
+    return [stack_frames(c, model.args.audio_num_codebooks) for c in codes]
 
 
-def _stack(frames: List[np.ndarray], model: Model) -> np.ndarray:
-    return np.stack(frames, axis=1) if frames else np.zeros((model.args.audio_num_codebooks, 0), np.int32)
+def stack_frames(frames: Sequence[np.ndarray], n_codebooks: int = 32) -> np.ndarray:
+    """Frames (32,) as codes (32, T); T may be 0."""
+    return np.stack(frames, axis=1) if len(frames) else np.zeros((n_codebooks, 0), np.int32)

@@ -17,7 +17,7 @@ from .audio import AudioError, read_audio
 from .checkpoint import load_model
 from .codec import SAMPLE_RATE, Mimi
 from .conversation import Conversation, frame_cap
-from .generation import TokenizedSegment, generate_batch
+from .generation import TokenizedSegment, generate_batch, stack_frames
 from .segment import Segment, Speech, check_speaker
 from .text import chunk_text
 from .models import Model
@@ -168,7 +168,7 @@ class CSM:
             codes.append(frame)
             if on_frame is not None:
                 on_frame(len(codes))
-        return self.speech(np.stack(codes, axis=1) if codes else np.zeros((32, 0), np.int32))
+        return self.speech(stack_frames(codes))
 
     def generate_batch(
         self,
@@ -217,8 +217,8 @@ class CSM:
                 conversation.add(turn)
                 yield Speech(np.asarray(turn.audio, np.float32), self.sample_rate, conversation.history[-1].audio_codes)
             else:
-                codes = list(_turn_frames(conversation, turn.text, turn.speaker, chunk_chars, seed if n == 0 else None, **kwargs))
-                yield self.speech(np.stack(codes, axis=1) if codes else np.zeros((32, 0), np.int32))
+                frames = _turn_frames(conversation, turn.text, turn.speaker, chunk_chars, seed if n == 0 else None, **kwargs)
+                yield self.speech(stack_frames(list(frames)))
 
     def stream(
         self,
