@@ -81,7 +81,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"hub id or directory: original, transformers or converted MLX (default: {hub.DEFAULT_MODEL})")
     g.add_argument("--tokenizer", metavar="PATH", help="path to a Llama-3.2 tokenizer.json (default: beside the model, else the hub)")
     g.add_argument("--mimi", metavar="PATH", help="path to Mimi weights (default: beside the model, else kyutai/moshiko-pytorch-bf16)")
-    g.add_argument("--dtype", choices=list(DTYPES), help="cast an unquantized model to this dtype")
+    g.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
+                   help="dtype of an unquantized model (default: auto, float32 on a CPU, as stored on a GPU)")
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:

@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
+import mlx.core as mx
 import numpy as np
 
 from . import hub
@@ -86,15 +87,19 @@ class CSM:
         *,
         tokenizer: Optional[os.PathLike] = None,
         mimi: Optional[os.PathLike] = None,
-        dtype: Optional[str] = None,
+        dtype: Optional[str] = "auto",
     ) -> "CSM":
         """Load a model (hub id, or a directory in original, transformers or MLX format).
 
         The tokenizer and Mimi weights come from the given paths, else from beside the
-        model (a self-contained converted directory), else from the hub."""
+        model (a self-contained converted directory), else from the hub. dtype "auto" runs an
+        unquantized model in float32 on the CPU backend, whose bfloat16/float16 products have
+        no fast kernels (4-5x slower here), and as stored on a GPU; None keeps it as stored."""
         model_dir = hub.resolve_model(model)
         tokenizer_path, mimi_path = find_tokenizer(model_dir, tokenizer), find_mimi(model_dir, mimi)
-        csm_model, _ = load_model(model_dir, dtype=dtype)
+        csm_model, info = load_model(model_dir, dtype=None if dtype == "auto" else dtype)
+        if dtype == "auto" and info["quantization"] is None and mx.default_device().type == mx.cpu:
+            csm_model.set_dtype(mx.float32)
         return cls(csm_model, TextTokenizer(tokenizer_path), Mimi(mimi_path), model_dir)
 
     def voice(self, name: str, speaker: int = 0) -> Segment:

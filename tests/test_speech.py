@@ -205,3 +205,19 @@ def test_bundled_mlx_directory_works_offline_without_the_hub(hub_cache, tmp_path
                              "--seed", "0", *SHORT], capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr
     assert sf.info(out).frames == FRAMES * 1920
+
+
+def test_auto_dtype_runs_float32_on_the_cpu(tmp_path, original_dir, tokenizer_path, mimi_path):
+    import mlx.core as mx
+
+    from csm_mlx.convert import convert
+
+    bf16 = convert(str(original_dir), tmp_path / "bf16", dtype="bfloat16")
+    auto = CSM.load(str(bf16), tokenizer=tokenizer_path, mimi=mimi_path)
+    stored = CSM.load(str(bf16), tokenizer=tokenizer_path, mimi=mimi_path, dtype=None)
+    assert mx.default_device().type == mx.cpu
+    assert auto.model.codebook0_head.weight.dtype == mx.float32
+    assert stored.model.codebook0_head.weight.dtype == mx.bfloat16
+    q8 = CSM.load(str(convert(str(original_dir), tmp_path / "q8", dtype="bfloat16", quantize_weights=True, q_bits=8)),
+                  tokenizer=tokenizer_path, mimi=mimi_path)
+    assert q8.model.codebook0_head.scales.dtype == mx.bfloat16  # quantized models stay as converted
