@@ -122,6 +122,7 @@ def test_batch_gives_each_item_its_solo_frames(model):
         (rng.integers(0, vocab, 5).tolist(), []),
         (rng.integers(0, vocab, 17).tolist(), [TokenizedSegment(rng.integers(0, vocab, 4).tolist(), rng.integers(0, 2048, (32, 6)))]),
         (rng.integers(0, vocab, 9).tolist(), []),
+        (rng.integers(0, vocab, 600).tolist(), []),  # longer than one prefill pass, the others padded
     ]
     batched = generate_batch(model, [prompt_rows(context, text) for text, context in items], max_frames=10, temperature=0)
     for (text, context), codes in zip(items, batched):
