@@ -23,6 +23,7 @@ from .generation import (
     stack_frames,
 )
 from .segment import Segment, Speech, check_speaker
+from .text import chunk_text
 
 if TYPE_CHECKING:
     from .generator import CSM
@@ -105,6 +106,7 @@ class Conversation:
         text: str,
         speaker: int = 0,
         *,
+        chunk_chars: int = 250,
         max_audio_length_ms: Optional[float] = None,
         temperature: float = 0.9,
         top_k: int = 50,
@@ -116,14 +118,31 @@ class Conversation:
         """Frames (32,) of the next turn as they are generated; the turn joins the history when
         the iteration ends (also when it is stopped early: what was generated is kept).
 
-        max_audio_length_ms None caps the turn by its text length (max_audio_seconds);
-        stop_after_repeats ends it after that many frames with the same codebook-0 code."""
+        Text longer than chunk_chars (0: never) is spoken chunk by chunk (sentences, then
+        clauses), each chunk a turn of its own, so the chunks before are its context and the
+        voice stays the same. Each chunk stops at the model's end of speech or at its frame cap:
+        max_audio_length_ms, or by default one from its length (max_audio_seconds);
+        stop_after_repeats ends it after that many frames with the same codebook-0 code.
+        temperature 0 is greedy; top_k, top_p, min_p of 0 are off; seed makes sampling
+        repeatable (one seed for the whole text). Bad input fails here, not at the first frame."""
         if not text or not text.strip():
             raise ValueError("text is empty: give the words to speak")
-        text_tokens = self.csm.tokenizer.encode(text, check_speaker(speaker))
+        speaker = check_speaker(speaker)
+        chunks = chunk_text(text, chunk_chars) if chunk_chars else [text]
+        sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+
+        def speak():
+            for n, chunk in enumerate(chunks):
+                yield from self._chunk_frames(chunk, speaker, max_audio_length_ms, stop_after_repeats,
+                                              seed=seed if n == 0 else None, **sampling)
+
+        return speak()
+
+    def _chunk_frames(self, text, speaker, max_audio_length_ms, stop_after_repeats, **sampling):
+        text_tokens = self.csm.tokenizer.encode(text, speaker)
         max_frames = frame_cap(text, max_audio_length_ms)
         rows = self.prompt(text_tokens, max_frames)
-        sampler = seeded_sampler(temperature, top_k, top_p, min_p, seed)
+        sampler = seeded_sampler(**sampling)
         cached = self._start(rows)
         self.prefilled_rows.append(len(rows[0]) - cached)
         source = generate_frames(self.csm.model, rows[0][cached:], rows[1][cached:], sampler, max_frames,

@@ -7,6 +7,7 @@
 """
 
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
@@ -20,7 +21,6 @@ from .codec import SAMPLE_RATE, Mimi
 from .conversation import Conversation, frame_cap
 from .generation import TokenizedSegment, generate_batch, stack_frames
 from .segment import Segment, Speech, check_speaker
-from .text import chunk_text
 from .models import Model
 from .tokenizer import TextTokenizer
 
@@ -130,32 +130,10 @@ class CSM:
         """A conversation to speak turn after turn, each generated turn becoming context."""
         return Conversation(self, context)
 
-    def frames(
-        self,
-        text: str,
-        speaker: int = 0,
-        context: Sequence[Segment] = (),
-        *,
-        chunk_chars: int = 250,
-        max_audio_length_ms: Optional[float] = None,
-        temperature: float = 0.9,
-        top_k: int = 50,
-        top_p: float = 0.0,
-        min_p: float = 0.0,
-        seed: Optional[int] = None,
-        stop_after_repeats: Optional[int] = None,
-    ) -> Iterator[np.ndarray]:
-        """Mimi frames (32,) of text spoken by speaker after the context, as they are generated.
-
-        Text longer than chunk_chars is spoken chunk by chunk (sentences, then clauses), each
-        chunk with the ones before as context, so the voice stays the same. Each chunk stops at
-        the model's end of speech, or at its frame cap: max_audio_length_ms, or by default one
-        derived from its length (conversation.max_audio_seconds); stop_after_repeats ends it
-        after that many frames with the same codebook-0 code. temperature 0 is greedy; top_k,
-        top_p, min_p of 0 are off; seed makes sampling repeatable."""
-        return _turn_frames(Conversation(self, context), text, speaker, chunk_chars, seed,
-                            max_audio_length_ms=max_audio_length_ms, temperature=temperature, top_k=top_k,
-                            top_p=top_p, min_p=min_p, stop_after_repeats=stop_after_repeats)
+    def frames(self, text: str, speaker: int = 0, context: Sequence[Segment] = (), **kwargs) -> Iterator[np.ndarray]:
+        """Mimi frames (32,) of text spoken by speaker after the context, as they are generated;
+        keyword arguments (chunking, frame cap, sampling, seed) as for Conversation.frames."""
+        return Conversation(self, context).frames(text, speaker, **kwargs)
 
     def generate(
         self,
@@ -182,13 +160,10 @@ class CSM:
         context: Sequence[Segment] = (),
         *,
         max_audio_length_ms: Optional[float] = None,
-        temperature: float = 0.9,
-        top_k: int = 50,
-        top_p: float = 0.0,
-        min_p: float = 0.0,
-        seed: Optional[int] = None,
+        **sampling,
     ) -> List[Speech]:
-        """Speak several texts at once after the same context (a voice prompt, say).
+        """Speak several texts at once after the same context (a voice prompt, say); sampling
+        (temperature, top_k, top_p, min_p, seed) as for Conversation.frames.
 
         Generation reads the weights once per step for the whole batch, so n texts take
         little more time than one; greedy, each text gets the audio it gets alone."""
@@ -198,32 +173,22 @@ class CSM:
         conversation = Conversation(self, context)
         caps = [frame_cap(t, max_audio_length_ms) for t in texts]
         prompts = [conversation.prompt(self.tokenizer.encode(t, speaker), max(caps)) for t in texts]
-        codes = generate_batch(self.model, prompts, max_frames=caps, temperature=temperature, top_k=top_k,
-                               top_p=top_p, min_p=min_p, seed=seed)
-        return [self.speech(c) for c in codes]
+        return [self.speech(c) for c in generate_batch(self.model, prompts, max_frames=caps, **sampling)]
 
-    def dialogue(
-        self,
-        turns: Sequence[Segment],
-        voices: Sequence[Segment] = (),
-        *,
-        chunk_chars: int = 250,
-        seed: Optional[int] = None,
-        **kwargs,
-    ) -> Iterator[Speech]:
+    def dialogue(self, turns: Sequence[Segment], voices: Sequence[Segment] = (), *, seed: Optional[int] = None,
+                 **kwargs) -> Iterator[Speech]:
         """Speak a script turn by turn, each turn with the ones before as context.
 
         Turns with audio are taken as spoken (they become context and come back as they
         are); the others are generated. voices are pinned prompts, e.g. one per speaker.
-        Yields each turn's Speech as soon as it is done; arguments as for frames()."""
-        conversation = Conversation(self, [Segment(v.speaker, v.text, v.audio, pinned=True) for v in voices])
+        Yields each turn's Speech as soon as it is done; arguments as for Conversation.frames."""
+        conversation = Conversation(self, [replace(v, pinned=True) for v in voices])
         for n, turn in enumerate(turns):
             if turn.audio is not None:
                 conversation.add(turn)
                 yield Speech(np.asarray(turn.audio, np.float32), self.sample_rate, conversation.history[-1].audio_codes)
             else:
-                frames = _turn_frames(conversation, turn.text, turn.speaker, chunk_chars, seed if n == 0 else None, **kwargs)
-                yield self.speech(stack_frames(list(frames)))
+                yield conversation.say(turn.text, turn.speaker, seed=seed if n == 0 else None, **kwargs)
 
     def stream(
         self,
@@ -252,20 +217,3 @@ class CSM:
         if pending:
             yield self.mimi.decode_step(np.stack(pending, axis=1))
 
-
-def _turn_frames(
-    conversation: Conversation, text: str, speaker: int, chunk_chars: int, seed: Optional[int], **kwargs
-) -> Iterator[np.ndarray]:
-    """Frames of one turn, spoken chunk by chunk (each chunk a turn of the conversation, so the
-    chunks before are its context). One seed for the whole text: later chunks continue the
-    random stream. Bad input fails here, not at the first frame."""
-    if not text or not text.strip():
-        raise ValueError("text is empty: give the words to speak")
-    check_speaker(speaker)
-    chunks = chunk_text(text, chunk_chars) if chunk_chars else [text]
-
-    def speak():
-        for n, chunk in enumerate(chunks):
-            yield from conversation.frames(chunk, speaker, seed=seed if n == 0 else None, **kwargs)
-
-    return speak()
