@@ -231,21 +231,21 @@ def play(csm, text, speaker, context, options, chunk_frames, progress, output) -
     """Play the speech as it is generated; write it to output too (also when interrupted)."""
     cap = options["max_audio_length_ms"]
     player = Player(expected_seconds=min(expected_seconds(text), cap / 1000 if cap else float("inf")))
-    chunks, first_audio = [], None
+    chunks, samples, first_audio = [], 0, None
     try:
         for chunk in csm.stream(text, speaker, context, chunk_frames=chunk_frames, **options):
             first_audio = first_audio or time.perf_counter() - progress.start
             chunks.append(chunk)
+            samples += len(chunk)
             player.feed(chunk)
-            progress(sum(map(len, chunks)) // FRAME_SAMPLES)
+            progress(samples // FRAME_SAMPLES)
         player.finish()
     except KeyboardInterrupt:
         player.stop()
         progress.close()
         if output and chunks:
             write_audio(output, np.concatenate(chunks))
-            print(f"csm-mlx: wrote the {len(np.concatenate(chunks)) / SAMPLE_RATE:.2f} s generated so far to {output}",
-                  file=sys.stderr)
+            print(f"csm-mlx: wrote the {samples / SAMPLE_RATE:.2f} s generated so far to {output}", file=sys.stderr)
         raise
     progress.close()
     report = (f"played {progress.frames * FRAME_MS / 1000:.2f} s audio, first audio after {first_audio or 0:.2f} s, "
