@@ -96,6 +96,12 @@ def decode_frame(model: Model, h: mx.array, sampler: Sampler, with_logits: bool 
     codes = [sampler(logits[0])]
     cache = model.decoder.make_cache()
     x = mx.stack([h, model.embed_audio(0, codes[0])], axis=1)
+    if h.shape[0] == 1:
+        # One row at a time: MKL runs a 2-row product as a threaded sgemm that costs ~3x a
+        # matrix-vector product. Only position 0's keys and values are kept (lazily, the rest
+        # of its pass is never computed).
+        model.decoder(model.projection(x[:, :1]), cache)
+        x = x[:, 1:]
     for k in range(1, model.args.audio_num_codebooks):
         d = model.decoder(model.projection(x), cache)[:, -1]
         logits.append(model.codebook_logits(k, d))
