@@ -1,4 +1,4 @@
-"""`csm-mlx`: speak text with CSM-1b on MLX; `csm-mlx dialogue`: speak a whole script."""
+"""`csm-mlx`: speak text with CSM-1b on MLX; `csm-mlx dialogue`: a whole script; `csm-mlx batch`: many lines at once."""
 
 import argparse
 import logging
@@ -31,10 +31,19 @@ EXAMPLES = """examples:
   csm-mlx "Next line." --conversation chat.yaml -o next.wav --temperature 0
   csm-mlx "Hear it as it is generated." --play
   csm-mlx dialogue script.txt -o conversation.wav --voice 0=conversational_a --voice 1=conversational_b
+  csm-mlx batch lines.txt --out-dir clips/ --voice conversational_a
 
 Text longer than --chunk-chars is spoken sentence by sentence in one voice. A conversation file
 is a list of turns: [{"speaker": 0, "text": "...", "audio": "turn1.wav"}, ...] (JSON or YAML;
 audio paths are relative to the file; audio is optional).
+"""
+
+BATCH_EXAMPLES = """examples:
+  csm-mlx batch prompts.txt --out-dir clips/ --voice conversational_a --temperature 0
+  csm-mlx batch chapter.txt -o chapter.wav --batch-size 8 --pause-ms 400
+
+Lines longer than --chunk-chars are split into sentence chunks, generated side by side and joined.
+Greedy (--temperature 0), each line is the audio it gets when spoken alone.
 """
 
 DIALOGUE_EXAMPLES = """A script is text lines "[speaker] text":
@@ -103,14 +112,7 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("-v", "--verbose", action="store_true", help="say what is loaded and what context is dropped")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = Parser(prog="csm-mlx", description="Speak text with Sesame's CSM-1b on MLX, optionally in the voice of context "
-               "audio. `csm-mlx dialogue -h` speaks whole scripts.", epilog=EXAMPLES,
-               formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("text", nargs="?", help="the text to speak (read from standard input when omitted)")
-    p.add_argument("-o", "--output", metavar="FILE", help="output audio file, .wav or .flac (24 kHz mono)")
-    p.add_argument("--speaker", type=non_negative_int, default=0, metavar="N", help="speaker id of the new turn (default: 0)")
-    add_model_arguments(p)
+def add_context_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("context (the conversation so far; it sets the voice)")
     g.add_argument("--voice", choices=list(VOICES), metavar="NAME",
                    help=f"voice prompt of the reference demo, spoken as --speaker: {', '.join(VOICES)}")
@@ -119,6 +121,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--context-speaker", action="append", default=[], type=non_negative_int, metavar="N",
                    help="speaker of that turn (repeatable; default: --speaker)")
     g.add_argument("--conversation", metavar="FILE", help="JSON/YAML list of turns {speaker, text, audio}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = Parser(prog="csm-mlx", description="Speak text with Sesame's CSM-1b on MLX, optionally in the voice of context "
+               "audio. `csm-mlx dialogue -h` speaks whole scripts, `csm-mlx batch -h` many lines at once.", epilog=EXAMPLES,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("text", nargs="?", help="the text to speak (read from standard input when omitted)")
+    p.add_argument("-o", "--output", metavar="FILE", help="output audio file, .wav or .flac (24 kHz mono)")
+    p.add_argument("--speaker", type=non_negative_int, default=0, metavar="N", help="speaker id of the new turn (default: 0)")
+    add_model_arguments(p)
+    add_context_arguments(p)
     g = p.add_argument_group("playback")
     g.add_argument("--play", action="store_true", help="play the speech as it is generated (also writes -o if given)")
     g.add_argument("--stream-chunk-frames", type=int, default=1, metavar="N",
@@ -143,6 +156,23 @@ def build_dialogue_parser() -> argparse.ArgumentParser:
     g.add_argument("--voice-text", action="append", default=[], type=speaker_value, metavar="SPEAKER=TEXT",
                    help="the transcript of that speaker's --voice-audio")
     add_model_arguments(p)
+    add_sampling_arguments(p)
+    return p
+
+
+def build_batch_parser() -> argparse.ArgumentParser:
+    p = Parser(prog="csm-mlx batch", description="Speak many lines in one voice, several at a time: each step "
+               "reads the weights once for the whole batch. Each line is spoken after the same context only "
+               "(not after the lines before it).", epilog=BATCH_EXAMPLES,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("lines", metavar="FILE", help="text file, one utterance per non-empty line (- for standard input)")
+    p.add_argument("-o", "--output", metavar="FILE", help="all lines in one file, .wav or .flac, --pause-ms apart")
+    p.add_argument("--out-dir", metavar="DIR", help="one file per line: DIR/line_001.wav, ... (written as each is done)")
+    p.add_argument("--batch-size", type=int, default=8, metavar="N", help="chunks generated together (default: 8)")
+    p.add_argument("--pause-ms", type=float, default=300, metavar="MS", help="silence between lines in -o (default: 300)")
+    p.add_argument("--speaker", type=non_negative_int, default=0, metavar="N", help="speaker id of the lines (default: 0)")
+    add_model_arguments(p)
+    add_context_arguments(p)
     add_sampling_arguments(p)
     return p
 
@@ -293,10 +323,70 @@ def run_dialogue(args) -> None:
               f"{time.perf_counter() - start:.2f} s", file=sys.stderr)
 
 
+def run_batch(args) -> None:
+    if not args.output and not args.out_dir:
+        raise CliError("nowhere to put the audio: give -o FILE.wav, --out-dir DIR, or both")
+    if args.batch_size < 1:
+        raise CliError(f"--batch-size must be at least 1, got {args.batch_size}")
+    output = check_output_path(args.output) if args.output else None
+    out_dir = Path(args.out_dir) if args.out_dir else None
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        check_output_path(out_dir / "line_001.wav")
+    lines = read_lines(args.lines)
+    if not lines:
+        raise CliError(f"{args.lines} has no text: give one utterance per line")
+    context = read_context(args)
+    csm = load(args)
+    if args.voice:
+        context.insert(0, csm.voice(args.voice, args.speaker))
+
+    options = sampling_options(args)
+    if options.pop("stop_after_repeats") is not None:
+        raise CliError("--stop-after-repeats is not supported with batch: use --max-audio-length-ms")
+    finished: List[np.ndarray] = []
+    start = time.perf_counter()
+    try:
+        for n, speech in enumerate(csm.generate_many(lines, args.speaker, context, batch_size=args.batch_size,
+                                                     chunk_chars=args.chunk_chars, **options), 1):
+            finished.append(speech.audio)
+            if out_dir is not None:
+                write_audio(out_dir / f"line_{n:03d}.wav", speech.audio)
+            if not args.quiet:
+                print(f"line {n}/{len(lines)}: {speech.duration:.2f} s", file=sys.stderr)
+    except KeyboardInterrupt:
+        if output and finished:
+            write_audio(output, join_turns(finished, SAMPLE_RATE, args.pause_ms))
+            print(f"csm-mlx: interrupted; wrote the {len(finished)} finished line(s) to {output}", file=sys.stderr)
+        raise
+    audio_s = sum(len(a) for a in finished) / SAMPLE_RATE
+    if output:
+        write_audio(output, join_turns(finished, SAMPLE_RATE, args.pause_ms))
+    if not args.quiet:
+        wall = time.perf_counter() - start
+        print(f"{len(lines)} lines, {audio_s:.2f} s audio in {wall:.2f} s (RTF {wall / max(audio_s, 1e-9):.2f})"
+              + (f"; wrote {output}" if output else ""), file=sys.stderr)
+
+
+def read_lines(path: str) -> List[str]:
+    """The non-empty lines of a UTF-8 text file (- for standard input), stripped."""
+    try:
+        text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise CliError(f"{path} does not exist: give a text file with one utterance per line") from None
+    except (IsADirectoryError, UnicodeDecodeError):
+        raise CliError(f"{path} is not a UTF-8 text file: give one utterance per line") from None
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+COMMANDS = {"dialogue": (build_dialogue_parser, run_dialogue), "batch": (build_batch_parser, run_batch)}
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["dialogue"]:
-        args, command = build_dialogue_parser().parse_args(argv[1:]), run_dialogue
+    if argv[:1] and argv[0] in COMMANDS:
+        build, command = COMMANDS[argv[0]]
+        args = build().parse_args(argv[1:])
     else:
         args, command = build_parser().parse_args(argv), run
     try:
