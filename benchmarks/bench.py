@@ -30,7 +30,7 @@ from mlx.utils import tree_flatten
 
 from csm_mlx.checkpoint import DTYPES, quantize
 from csm_mlx.codec import Mimi
-from csm_mlx.generation import FRAME_MS, frame_decoder, generate_batch_frames, generate_frames, make_frame_sampler
+from csm_mlx.generation import FRAME_MS, frame_decoder, generate_batch_frames, generate_frames, make_frame_sampler, prefill
 from csm_mlx.models import Model, ModelArgs, TransformerArgs
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
@@ -121,7 +121,7 @@ def prefill_time(model: Model, rows: int) -> float:
     mx.eval(x)
 
     def run():
-        mx.eval(model.backbone(x, model.backbone.make_cache()))
+        mx.eval(prefill(model, x, model.backbone.make_cache()))
 
     start = time.perf_counter()
     run()

@@ -119,6 +119,16 @@ def frame_decoder(model: Model, sampler: Sampler, compiled: bool = True, with_lo
     return mx.compile(decode, inputs=mx.random.state, outputs=mx.random.state) if compiled else decode
 
 
+def prefill(model: Model, x: mx.array, cache: List[Any]) -> mx.array:
+    """Run prompt rows x (B, S, D) through the backbone into cache, PREFILL_ROWS at a time;
+    the backbone's output for the last pass."""
+    for start in range(0, x.shape[1], PREFILL_ROWS):
+        h = model.backbone(x[:, start : start + PREFILL_ROWS], cache)
+        if start + PREFILL_ROWS < x.shape[1]:
+            mx.eval([c.state for c in cache])
+    return h
+
+
 def generate_frames(
     model: Model,
     tokens: np.ndarray,
@@ -170,11 +180,7 @@ def generate_batch_frames(
         cache = [BatchKVCache(padding) for _ in model.backbone.layers] if any(padding) else model.backbone.make_cache()
     elif len(prompts) > 1:
         raise ValueError("continuing from a cache takes a single prompt")
-    x = model.embed_rows(mx.array(tokens), mx.array(mask))
-    for start in range(0, x.shape[1], PREFILL_ROWS):
-        h = model.backbone(x[:, start : start + PREFILL_ROWS], cache)
-        if start + PREFILL_ROWS < x.shape[1]:
-            mx.eval([c.state for c in cache])
+    h = prefill(model, model.embed_rows(mx.array(tokens), mx.array(mask)), cache)
     frame = decode(h[:, -1])
     mx.async_eval(frame)
     active = np.ones(len(prompts), bool)
