@@ -302,25 +302,37 @@ def run_dialogue(args) -> None:
     csm = load(args)
     voices = [csm.voice(name, speaker) for speaker, name in args.voice] + recorded
 
-    finished: List[np.ndarray] = []
     start = time.perf_counter()
-    try:
-        for n, speech in enumerate(csm.dialogue(turns, voices, chunk_chars=args.chunk_chars, **sampling_options(args)), 1):
-            finished.append(speech.audio)
-            if turns_dir is not None:
-                write_audio(turns_dir / f"turn_{n:03d}.wav", speech.audio)
-            if not args.quiet:
-                print(f"turn {n}/{len(turns)} (speaker {turns[n - 1].speaker}): {speech.duration:.2f} s", file=sys.stderr)
-    except KeyboardInterrupt:
-        if finished:
-            write_audio(output, join_turns(finished, SAMPLE_RATE, args.pause_ms))
-            print(f"csm-mlx: interrupted; wrote the {len(finished)} finished turn(s) to {output}", file=sys.stderr)
-        raise
-    audio = join_turns(finished, SAMPLE_RATE, args.pause_ms)
-    write_audio(output, audio)
+    speeches = csm.dialogue(turns, voices, chunk_chars=args.chunk_chars, **sampling_options(args))
+    finished = write_as_done(
+        speeches, output, lambda n: turns_dir / f"turn_{n:03d}.wav" if turns_dir else None, args.pause_ms,
+        None if args.quiet else lambda n, speech: f"turn {n}/{len(turns)} (speaker {turns[n - 1].speaker}): "
+                                                  f"{speech.duration:.2f} s", "turn")
     if not args.quiet:
-        print(f"wrote {output}: {len(turns)} turns, {len(audio) / SAMPLE_RATE:.2f} s in "
+        print(f"wrote {output}: {len(turns)} turns, {sum(map(len, finished)) / SAMPLE_RATE:.2f} s of speech in "
               f"{time.perf_counter() - start:.2f} s", file=sys.stderr)
+
+
+def write_as_done(speeches, output: Optional[Path], each_path, pause_ms: float, describe, noun: str) -> List[np.ndarray]:
+    """Write each Speech to each_path(n) (when not None) as it is done and all of them, pause_ms
+    apart, to output; interrupted, output still gets the finished ones. Returns their audio."""
+    finished: List[np.ndarray] = []
+    try:
+        for n, speech in enumerate(speeches, 1):
+            finished.append(speech.audio)
+            path = each_path(n)
+            if path is not None:
+                write_audio(path, speech.audio)
+            if describe is not None:
+                print(describe(n, speech), file=sys.stderr)
+    except KeyboardInterrupt:
+        if output and finished:
+            write_audio(output, join_turns(finished, SAMPLE_RATE, pause_ms))
+            print(f"csm-mlx: interrupted; wrote the {len(finished)} finished {noun}(s) to {output}", file=sys.stderr)
+        raise
+    if output:
+        write_audio(output, join_turns(finished, SAMPLE_RATE, pause_ms))
+    return finished
 
 
 def run_batch(args) -> None:
@@ -344,26 +356,14 @@ def run_batch(args) -> None:
     options = sampling_options(args)
     if options.pop("stop_after_repeats") is not None:
         raise CliError("--stop-after-repeats is not supported with batch: use --max-audio-length-ms")
-    finished: List[np.ndarray] = []
     start = time.perf_counter()
-    try:
-        for n, speech in enumerate(csm.generate_many(lines, args.speaker, context, batch_size=args.batch_size,
-                                                     chunk_chars=args.chunk_chars, **options), 1):
-            finished.append(speech.audio)
-            if out_dir is not None:
-                write_audio(out_dir / f"line_{n:03d}.wav", speech.audio)
-            if not args.quiet:
-                print(f"line {n}/{len(lines)}: {speech.duration:.2f} s", file=sys.stderr)
-    except KeyboardInterrupt:
-        if output and finished:
-            write_audio(output, join_turns(finished, SAMPLE_RATE, args.pause_ms))
-            print(f"csm-mlx: interrupted; wrote the {len(finished)} finished line(s) to {output}", file=sys.stderr)
-        raise
-    audio_s = sum(len(a) for a in finished) / SAMPLE_RATE
-    if output:
-        write_audio(output, join_turns(finished, SAMPLE_RATE, args.pause_ms))
+    speeches = csm.generate_many(lines, args.speaker, context, batch_size=args.batch_size,
+                                 chunk_chars=args.chunk_chars, **options)
+    finished = write_as_done(
+        speeches, output, lambda n: out_dir / f"line_{n:03d}.wav" if out_dir else None, args.pause_ms,
+        None if args.quiet else lambda n, speech: f"line {n}/{len(lines)}: {speech.duration:.2f} s", "line")
     if not args.quiet:
-        wall = time.perf_counter() - start
+        wall, audio_s = time.perf_counter() - start, sum(map(len, finished)) / SAMPLE_RATE
         print(f"{len(lines)} lines, {audio_s:.2f} s audio in {wall:.2f} s (RTF {wall / max(audio_s, 1e-9):.2f})"
               + (f"; wrote {output}" if output else ""), file=sys.stderr)
 

@@ -190,26 +190,32 @@ class CSM:
         A text longer than chunk_chars (0: never) is split into sentence chunks that are
         generated side by side, each after the context alone (not after the chunks before it,
         as generate does), and decoded as one stream: throughput for a shared voice prompt,
-        at the cost of the cross-chunk continuity that generate keeps."""
+        at the cost of the cross-chunk continuity that generate keeps. Bad input fails here,
+        not at the first line."""
         speaker = self._check_batch(texts, speaker)
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-        items = [(n, chunk) for n, text in enumerate(texts) for chunk in (chunk_text(text, chunk_chars) if chunk_chars else [text])]
+        items = [(n, chunk) for n, text in enumerate(texts)
+                 for chunk in (chunk_text(text, chunk_chars) if chunk_chars else [text])]
         conversation = Conversation(self, context)
-        done: List[List[np.ndarray]] = [[] for _ in texts]
-        next_text = 0
-        for start in range(0, len(items), batch_size):
-            group = items[start : start + batch_size]
-            codes = self._batch_codes(conversation, [chunk for _, chunk in group], speaker, max_audio_length_ms,
-                                      dict(sampling, seed=seed if start == 0 else None))
-            for (n, _), c in zip(group, codes):
-                done[n].append(c)
-            # a text is done when no later item belongs to it
-            first_pending = items[start + batch_size][0] if start + batch_size < len(items) else len(texts)
-            while next_text < first_pending:
-                yield self.speech(np.concatenate(done[next_text], axis=1))
-                done[next_text] = []
-                next_text += 1
+
+        def speak():
+            done: List[List[np.ndarray]] = [[] for _ in texts]
+            next_text = 0
+            for start in range(0, len(items), batch_size):
+                group = items[start : start + batch_size]
+                codes = self._batch_codes(conversation, [chunk for _, chunk in group], speaker, max_audio_length_ms,
+                                          dict(sampling, seed=seed if start == 0 else None))
+                for (n, _), c in zip(group, codes):
+                    done[n].append(c)
+                # a text is done when no later item belongs to it
+                first_pending = items[start + batch_size][0] if start + batch_size < len(items) else len(texts)
+                while next_text < first_pending:
+                    yield self.speech(np.concatenate(done[next_text], axis=1))
+                    done[next_text] = []
+                    next_text += 1
+
+        return speak()
 
     def _check_batch(self, texts: Sequence[str], speaker: int) -> int:
         if not texts or any(not t or not t.strip() for t in texts):
