@@ -341,13 +341,13 @@ def run_batch(args) -> None:
     if args.batch_size < 1:
         raise CliError(f"--batch-size must be at least 1, got {args.batch_size}")
     output = check_output_path(args.output) if args.output else None
+    lines = read_lines(args.lines)
+    if not lines:
+        raise CliError(f"{args.lines} has no text: give one utterance per line")
     out_dir = Path(args.out_dir) if args.out_dir else None
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         check_output_path(out_dir / "line_001.wav")
-    lines = read_lines(args.lines)
-    if not lines:
-        raise CliError(f"{args.lines} has no text: give one utterance per line")
     context = read_context(args)
     csm = load(args)
     if args.voice:
