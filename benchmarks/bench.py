@@ -30,7 +30,7 @@ from mlx.utils import tree_flatten
 
 from csm_mlx.checkpoint import DTYPES, quantize
 from csm_mlx.codec import Mimi
-from csm_mlx.generation import FRAME_MS, frame_decoder, generate_batch_frames, generate_frames, make_frame_sampler, prefill
+from csm_mlx.frames import FRAME_MS, frame_decoder, generate_batch_frames, generate_frames, make_frame_sampler, prefill
 from csm_mlx.models import Model, ModelArgs, TransformerArgs
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))

@@ -26,7 +26,7 @@ import mlx.core as mx
 sys.path.insert(0, str(Path(__file__).parent))
 from bench import SIZES, never_ends  # noqa: E402
 
-from csm_mlx.generation import frame_decoder, make_frame_sampler  # noqa: E402
+from csm_mlx.frames import frame_decoder, make_frame_sampler  # noqa: E402
 from csm_mlx.models import Model  # noqa: E402
 
 LAYERS = {

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Optional
 
 from csm_mlx.checkpoint import DTYPES, CheckpointError, load_model, quantize, save_model
-from csm_mlx.generator import MIMI_FILE, TOKENIZER_FILE, find_mimi, find_tokenizer
+from csm_mlx.api import MIMI_FILE, TOKENIZER_FILE, find_mimi, find_tokenizer
 from csm_mlx.hub import HubError, resolve_model
 
 

@@ -4,9 +4,9 @@ from . import blas  # noqa: F401  (first: it must run before mlx.core is loaded)
 
 from .checkpoint import CheckpointError, load_model
 from .conversation import Conversation
-from .generator import CSM
+from .api import CSM
 from .segment import Segment, Speech
-from .generation import TokenizedSegment, generate, generate_frames, make_frame_sampler, prompt_rows
+from .frames import TokenizedSegment, generate, generate_frames, make_frame_sampler, prompt_rows
 from .models import Model, ModelArgs, TransformerArgs
 
 __all__ = [

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .context import fit_context
-from .generation import (
+from .frames import (
     FRAME_MS,
     TokenizedSegment,
     audio_rows,
@@ -26,7 +26,7 @@ from .segment import Segment, Speech, check_speaker
 from .text import chunk_text
 
 if TYPE_CHECKING:
-    from .generator import CSM
+    from .api import CSM
 
 
 def max_audio_seconds(text: str) -> float:

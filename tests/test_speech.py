@@ -15,7 +15,7 @@ from csm_mlx import CSM, Segment, TokenizedSegment, generate
 from csm_mlx.cli.main import main as cli_main
 from csm_mlx.codec import Mimi
 from csm_mlx.conversation import join_turns
-from csm_mlx.generator import VOICES
+from csm_mlx.api import VOICES
 from csm_mlx.hub import HubError
 from csm_mlx.text import chunk_text
 from csm_mlx.tokenizer import TextTokenizer

@@ -1,4 +1,4 @@
-"""Text (and conversation context) in, 24 kHz speech out: the API for apps.
+"""The app API: text (and conversation context) in, 24 kHz speech out.
 
     from csm_mlx import CSM, Segment
     csm = CSM.load()                              # sesame/csm-1b, Mimi and the tokenizer from the hub
@@ -19,7 +19,7 @@ from .audio import AudioError, read_audio
 from .checkpoint import load_model
 from .codec import SAMPLE_RATE, Mimi
 from .conversation import Conversation, frame_cap
-from .generation import TokenizedSegment, generate_batch, stack_frames
+from .frames import TokenizedSegment, generate_batch, stack_frames
 from .segment import Segment, Speech, check_speaker
 from .models import Model
 from .text import chunk_text

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from csm_mlx import TokenizedSegment, generate, generate_frames, load_model, make_frame_sampler, prompt_rows
-from csm_mlx.generation import frame_decoder, generate_batch, generate_batch_frames
+from csm_mlx.frames import frame_decoder, generate_batch, generate_batch_frames
 
 
 @pytest.fixture(scope="module")
@@ -149,9 +149,9 @@ def test_batch_items_end_at_their_own_end_of_speech(model, text_tokens):
 
 
 def test_prefill_in_passes_gives_the_single_pass_frames(model, monkeypatch):
-    import csm_mlx.generation as generation
+    import csm_mlx.frames as frame_loop
 
     text = np.random.default_rng(5).integers(0, model.args.text_vocab_size, 700).tolist()
     in_passes = generate(model, text, max_frames=6, temperature=0)
-    monkeypatch.setattr(generation, "PREFILL_ROWS", 10_000)
+    monkeypatch.setattr(frame_loop, "PREFILL_ROWS", 10_000)
     np.testing.assert_array_equal(in_passes, generate(model, text, max_frames=6, temperature=0))

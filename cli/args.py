@@ -1,0 +1,172 @@
+"""Argument helpers shared by the csm-mlx commands: model, context and sampling flags, loading, progress."""
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import mlx.core as mx
+import numpy as np
+
+from csm_mlx import hub
+from csm_mlx.api import CSM, VOICES
+from csm_mlx.audio import AudioError, read_audio, write_audio
+from csm_mlx.checkpoint import DTYPES, CheckpointError
+from csm_mlx.codec import SAMPLE_RATE, CodecError
+from csm_mlx.context import ContextError
+from csm_mlx.conversation import ScriptError, join_turns, read_script
+from csm_mlx.frames import FRAME_MS
+from csm_mlx.player import PlaybackError
+from csm_mlx.segment import Segment
+from csm_mlx.tokenizer import TokenizerError
+
+USER_ERRORS = (PlaybackError, ValueError, CheckpointError, hub.HubError, AudioError, CodecError, TokenizerError,
+               FileNotFoundError, ContextError, ScriptError)
+
+
+class CliError(Exception):
+    pass
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} -h)\n")
+
+
+def non_negative_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = -1
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {value!r}")
+    return number
+
+
+def speaker_value(value: str):
+    """SPEAKER=VALUE, as in --voice 0=conversational_a."""
+    speaker, sep, rest = value.partition("=")
+    if not sep or not rest:
+        raise argparse.ArgumentTypeError(f"expected SPEAKER=VALUE, got {value!r}")
+    return non_negative_int(speaker), rest
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=hub.DEFAULT_MODEL, metavar="ID_OR_DIR",
+                   help=f"hub id or directory: original, transformers or converted MLX (default: {hub.DEFAULT_MODEL})")
+    g.add_argument("--tokenizer", metavar="PATH", help="path to a Llama-3.2 tokenizer.json (default: beside the model, else the hub)")
+    g.add_argument("--mimi", metavar="PATH", help="path to Mimi weights (default: beside the model, else kyutai/moshiko-pytorch-bf16)")
+    g.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
+                   help="dtype of an unquantized model (default: auto, float32 on a CPU, as stored on a GPU)")
+
+
+def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling and stopping")
+    g.add_argument("--max-audio-length-ms", type=float, metavar="MS",
+                   help="frame cap per chunk or turn (default: from its length, 3 s + 0.12 s per character)")
+    g.add_argument("--stop-after-repeats", type=int, metavar="N",
+                   help="also stop after N frames in a row with the same codebook-0 code (silence or a loop)")
+    g.add_argument("--chunk-chars", type=int, default=250, metavar="N",
+                   help="speak longer text in chunks of up to N characters, in one voice (default: 250; 0: never)")
+    g.add_argument("--temperature", type=float, default=0.9, metavar="T", help="0 is greedy (default: 0.9)")
+    g.add_argument("--top-k", type=int, default=50, metavar="K", help="0 disables (default: 50)")
+    g.add_argument("--top-p", type=float, default=0.0, metavar="P", help="nucleus sampling, 0 disables (default: 0)")
+    g.add_argument("--min-p", type=float, default=0.0, metavar="P", help="0 disables (default: 0)")
+    g.add_argument("--seed", type=int, metavar="N", help="seed for reproducible sampling")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("-q", "--quiet", action="store_true", help="print errors only")
+    g.add_argument("-v", "--verbose", action="store_true", help="say what is loaded and what context is dropped")
+
+
+def add_context_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("context (the conversation so far; it sets the voice)")
+    g.add_argument("--voice", choices=list(VOICES), metavar="NAME",
+                   help=f"voice prompt of the reference demo, spoken as --speaker: {', '.join(VOICES)}")
+    g.add_argument("--context-audio", action="append", default=[], metavar="FILE", help="audio of a context turn (repeatable)")
+    g.add_argument("--context-text", action="append", default=[], metavar="TEXT", help="transcript of that turn (repeatable)")
+    g.add_argument("--context-speaker", action="append", default=[], type=non_negative_int, metavar="N",
+                   help="speaker of that turn (repeatable; default: --speaker)")
+    g.add_argument("--conversation", metavar="FILE", help="JSON/YAML list of turns {speaker, text, audio}")
+
+
+
+def read_context(args) -> List[Segment]:
+    if len(args.context_audio) != len(args.context_text):
+        raise CliError("give one --context-text for each --context-audio")
+    if args.context_speaker and len(args.context_speaker) != len(args.context_audio):
+        raise CliError("give one --context-speaker for each --context-audio, or none")
+    segments = read_script(args.conversation) if args.conversation else []
+    speakers = args.context_speaker or [args.speaker] * len(args.context_audio)
+    # Explicit context sets the voice: pinned, while a conversation's older turns may be dropped.
+    for audio, text, speaker in zip(args.context_audio, args.context_text, speakers):
+        segments.append(Segment(speaker, text, read_audio(audio), pinned=True))
+    return segments
+
+
+def sampling_options(args) -> dict:
+    return dict(max_audio_length_ms=args.max_audio_length_ms, temperature=args.temperature, top_k=args.top_k,
+                top_p=args.top_p, min_p=args.min_p, seed=args.seed, stop_after_repeats=args.stop_after_repeats)
+
+
+def load(args) -> CSM:
+    if args.verbose:
+        logging.basicConfig(level=logging.INFO, format="csm-mlx: %(message)s")
+    logging.getLogger("csm_mlx").info("loading %s", args.model)
+    csm = CSM.load(args.model, tokenizer=args.tokenizer, mimi=args.mimi, dtype=args.dtype)
+    logging.getLogger("csm_mlx").info("model from %s", csm.model_dir)
+    return csm
+
+
+class Progress:
+    """One status line on stderr, rewritten as frames arrive."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled and sys.stderr.isatty()
+        self.start = time.perf_counter()
+        self.frames = 0
+
+    def __call__(self, frames: int) -> None:
+        self.frames = frames
+        if self.enabled:
+            audio_s = frames * FRAME_MS / 1000
+            wall = time.perf_counter() - self.start
+            print(f"\rframe {frames} | {audio_s:.2f} s audio | RTF {wall / audio_s:.2f}", end="", file=sys.stderr)
+
+    def close(self) -> None:
+        if self.enabled:
+            print(file=sys.stderr)
+
+    def summary(self, report: str) -> str:
+        wall = time.perf_counter() - self.start
+        audio_s = self.frames * FRAME_MS / 1000
+        rtf = f"{wall / audio_s:.2f}" if audio_s else "-"
+        return (f"{report} ({self.frames} frames) in {wall:.2f} s, RTF {rtf}, "
+                f"peak memory {mx.get_peak_memory() / 1e9:.2f} GB")
+
+
+
+def write_as_done(speeches, output: Optional[Path], each_path, pause_ms: float, describe, noun: str) -> List[np.ndarray]:
+    """Write each Speech to each_path(n) (when not None) as it is done and all of them, pause_ms
+    apart, to output; interrupted, output still gets the finished ones. Returns their audio."""
+    finished: List[np.ndarray] = []
+    try:
+        for n, speech in enumerate(speeches, 1):
+            finished.append(speech.audio)
+            path = each_path(n)
+            if path is not None:
+                write_audio(path, speech.audio)
+            if describe is not None:
+                print(describe(n, speech), file=sys.stderr)
+    except KeyboardInterrupt:
+        if output and finished:
+            write_audio(output, join_turns(finished, SAMPLE_RATE, pause_ms))
+            print(f"csm-mlx: interrupted; wrote the {len(finished)} finished {noun}(s) to {output}", file=sys.stderr)
+        raise
+    if output:
+        write_audio(output, join_turns(finished, SAMPLE_RATE, pause_ms))
+    return finished
+
+
