@@ -17,7 +17,7 @@ from csm_mlx.checkpoint import DTYPES, CheckpointError
 from csm_mlx.codec import SAMPLE_RATE, CodecError
 from csm_mlx.context import ContextError
 from csm_mlx.conversation import ScriptError, join_turns, read_script
-from csm_mlx.frames import FRAME_MS
+from csm_mlx.options import FRAME_MS
 from csm_mlx.player import PlaybackError
 from csm_mlx.segment import Segment
 from csm_mlx.tokenizer import TokenizerError

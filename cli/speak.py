@@ -10,7 +10,7 @@ import numpy as np
 from csm_mlx.audio import check_output_path, write_audio
 from csm_mlx.codec import FRAME_SAMPLES, SAMPLE_RATE
 from csm_mlx.conversation import expected_seconds
-from csm_mlx.frames import FRAME_MS
+from csm_mlx.options import FRAME_MS
 from csm_mlx.player import Player
 
 from .args import (CliError, Parser, Progress, add_context_arguments, add_model_arguments, add_sampling_arguments,

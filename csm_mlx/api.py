@@ -20,6 +20,7 @@ from .checkpoint import load_model
 from .codec import SAMPLE_RATE, Mimi
 from .conversation import Conversation, frame_cap
 from .frames import TokenizedSegment, generate_batch, stack_frames
+from .options import check_options, check_texts
 from .segment import Segment, Speech, check_speaker
 from .models import Model
 from .text import chunk_text
@@ -168,7 +169,7 @@ class CSM:
 
         Generation reads the weights once per step for the whole batch, so n texts take
         little more time than one; greedy, each text gets the audio it gets alone."""
-        speaker = self._check_batch(texts, speaker)
+        texts, speaker, max_audio_length_ms, sampling = self._check_batch(texts, speaker, max_audio_length_ms, sampling)
         codes = self._batch_codes(Conversation(self, context), texts, speaker, max_audio_length_ms, sampling)
         return [self.speech(c) for c in codes]
 
@@ -192,9 +193,11 @@ class CSM:
         as generate does), and decoded as one stream: throughput for a shared voice prompt,
         at the cost of the cross-chunk continuity that generate keeps. Bad input fails here,
         not at the first line."""
-        speaker = self._check_batch(texts, speaker)
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        texts, speaker, max_audio_length_ms, sampling = self._check_batch(
+            texts, speaker, max_audio_length_ms, dict(sampling, seed=seed))
+        seed = sampling.pop("seed")
+        options = check_options(batch_size=batch_size, chunk_chars=chunk_chars)
+        batch_size, chunk_chars = options["batch_size"], options["chunk_chars"]
         items = [(n, chunk) for n, text in enumerate(texts)
                  for chunk in (chunk_text(text, chunk_chars) if chunk_chars else [text])]
         conversation = Conversation(self, context)
@@ -217,10 +220,12 @@ class CSM:
 
         return speak()
 
-    def _check_batch(self, texts: Sequence[str], speaker: int) -> int:
-        if not texts or any(not t or not t.strip() for t in texts):
-            raise ValueError("every text of a batch must be non-empty")
-        return check_speaker(speaker)
+    def _check_batch(self, texts: Sequence[str], speaker: int, max_audio_length_ms: Optional[float], sampling: dict):
+        """Checked texts, speaker, frame cap and sampling options of a batch call."""
+        if "stop_after_repeats" in sampling:
+            raise TypeError("stop_after_repeats is not supported for batches: use max_audio_length_ms")
+        options = check_options(speaker=speaker, max_audio_length_ms=max_audio_length_ms, **sampling)
+        return check_texts(texts), options.pop("speaker"), options.pop("max_audio_length_ms"), options
 
     def _batch_codes(self, conversation: Conversation, texts: Sequence[str], speaker: int,
                      max_audio_length_ms: Optional[float], sampling: dict) -> List[np.ndarray]:
@@ -257,8 +262,7 @@ class CSM:
 
         Decoding is Mimi's streaming decoder: one state for the whole stream, reset when a
         stream starts, so chunks join with no seam. One stream at a time per CSM object."""
-        if chunk_frames < 1:
-            raise ValueError(f"chunk_frames must be at least 1, got {chunk_frames}")
+        chunk_frames = check_options(chunk_frames=chunk_frames)["chunk_frames"]
         source = self.frames(text, speaker, context, **kwargs)
         self.mimi.reset()
         pending = []

@@ -14,7 +14,6 @@ import numpy as np
 
 from .context import fit_context
 from .frames import (
-    FRAME_MS,
     TokenizedSegment,
     audio_rows,
     generate_frames,
@@ -22,6 +21,7 @@ from .frames import (
     seeded_sampler,
     stack_frames,
 )
+from .options import FRAME_MS, check_options, check_text
 from .segment import Segment, Speech, check_speaker
 from .text import chunk_text
 
@@ -43,11 +43,9 @@ def expected_seconds(text: str) -> float:
 
 
 def frame_cap(text: str, max_audio_length_ms: Optional[float]) -> int:
+    """Frames a chunk may take: max_audio_length_ms (checked: at least one frame), else from its length."""
     seconds = max_audio_seconds(text) if max_audio_length_ms is None else max_audio_length_ms / 1000
-    frames = int(seconds * 1000 / FRAME_MS)
-    if frames < 1:
-        raise ValueError(f"max_audio_length_ms must be at least {FRAME_MS} (one frame)")
-    return frames
+    return max(1, int(seconds * 1000 / FRAME_MS))
 
 
 def until_repeats(frames: Iterator[np.ndarray], repeats: Optional[int]) -> Iterator[np.ndarray]:
@@ -125,11 +123,14 @@ class Conversation:
         stop_after_repeats ends it after that many frames with the same codebook-0 code.
         temperature 0 is greedy; top_k, top_p, min_p of 0 are off; seed makes sampling
         repeatable (one seed for the whole text). Bad input fails here, not at the first frame."""
-        if not text or not text.strip():
-            raise ValueError("text is empty: give the words to speak")
-        speaker = check_speaker(speaker)
+        text = check_text(text)
+        options = check_options(speaker=speaker, chunk_chars=chunk_chars, max_audio_length_ms=max_audio_length_ms,
+                                temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed,
+                                stop_after_repeats=stop_after_repeats)
+        speaker, chunk_chars, seed = options.pop("speaker"), options.pop("chunk_chars"), options.pop("seed")
+        max_audio_length_ms, stop_after_repeats = options.pop("max_audio_length_ms"), options.pop("stop_after_repeats")
         chunks = chunk_text(text, chunk_chars) if chunk_chars else [text]
-        sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+        sampling = options
 
         def speak():
             for n, chunk in enumerate(chunks):

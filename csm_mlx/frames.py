@@ -10,11 +10,9 @@ from mlx_lm.models.cache import BatchKVCache
 from mlx_lm.sample_utils import make_sampler
 
 from .models import Model
-
-# A Mimi codebook has 2048 entries; ids 2048..2050 of the 2051-id audio vocabulary
-# are not audio, so they are never sampled (Mimi would fail on them).
-AUDIO_CODES = 2048
-FRAME_MS = 80
+# ids 2048..2050 of the 2051-id audio vocabulary are not audio (AUDIO_CODES), so they are
+# never sampled: Mimi would fail on them.
+from .options import AUDIO_CODES, check_options
 # Long prompts are prefilled in passes of this many rows: on the CPU backend attention builds the
 # whole score matrix, and passes of 512 rows were 18% faster for 1500 rows, with less memory.
 PREFILL_ROWS = 512
@@ -74,10 +72,8 @@ def make_frame_sampler(
     """A sampler over the decodable audio ids, used for all codebooks (as the reference does).
 
     temperature 0 is greedy. Filters are mlx-lm's; they expect log-probabilities."""
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if top_k < 0 or not 0 <= top_p <= 1 or not 0 <= min_p <= 1:
-        raise ValueError("top_k must be >= 0 and top_p, min_p within [0, 1]")
+    checked = check_options(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+    temperature, top_k, top_p, min_p = (checked[k] for k in ("temperature", "top_k", "top_p", "min_p"))
     if temperature == 0:
         return lambda logits: mx.argmax(logits[..., :AUDIO_CODES], axis=-1)
     sample = make_sampler(temp=temperature, top_p=top_p, min_p=min_p, top_k=top_k)

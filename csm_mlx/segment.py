@@ -5,6 +5,8 @@ from typing import Optional
 
 import numpy as np
 
+from .options import RULES
+
 
 @dataclass
 class Segment:
@@ -31,6 +33,4 @@ class Speech:
 
 
 def check_speaker(speaker) -> int:
-    if isinstance(speaker, bool) or not isinstance(speaker, (int, np.integer)) or speaker < 0:
-        raise ValueError(f"speaker must be a non-negative integer, got {speaker!r}")
-    return int(speaker)
+    return RULES["speaker"].check("speaker", speaker)
