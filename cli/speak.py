@@ -82,10 +82,12 @@ def speak(chunks, player: Optional[Player], writer: Optional[AudioWriter], progr
         for chunk in chunks:
             if first_audio is None:
                 first_audio = time.perf_counter() - progress.start
-                logging.getLogger("csm_mlx").info("first audio after %.2f s", first_audio)
-            samples += len(chunk)
             if writer is not None:
                 writer.write(chunk)
+            # counted once written, so an interrupt never closes a file it thinks holds more
+            samples += len(chunk)
+            if samples == len(chunk):
+                logging.getLogger("csm_mlx").info("first audio after %.2f s", first_audio)
             if player is not None:
                 player.feed(chunk)
             progress(samples // FRAME_SAMPLES)
