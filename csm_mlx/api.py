@@ -19,6 +19,7 @@ from .audio import AudioError, read_audio
 from .checkpoint import load_model
 from .codec import SAMPLE_RATE, Mimi
 from .conversation import Conversation, frame_cap
+from .engine import Engine
 from .frames import TokenizedSegment, generate_batch, stack_frames
 from .options import check_options, check_texts
 from .segment import Segment, Speech, check_speaker
@@ -127,6 +128,11 @@ class CSM:
         """Speech for Mimi codes (32, frames), decoded in one pass."""
         audio = self.mimi.decode(codes) if codes.shape[1] else np.zeros(0, np.float32)
         return Speech(audio, self.sample_rate, codes)
+
+    def engine(self, max_batch: int = 8, **kwargs) -> Engine:
+        """A continuous-batching engine over this model, for many concurrent requests (a server's):
+        submit() from any thread, iterate each request for its frames. Close it when done."""
+        return Engine(self, max_batch, **kwargs)
 
     def conversation(self, context: Sequence[Segment] = ()) -> Conversation:
         """A conversation to speak turn after turn, each generated turn becoming context."""
