@@ -1,5 +1,6 @@
 """Reading context audio (any common format, rate, channel count) and writing output atomically."""
 
+import io
 import os
 import tempfile
 from pathlib import Path
@@ -22,12 +23,21 @@ def read_audio(path: os.PathLike) -> np.ndarray:
     """The file's audio as 24 kHz mono float32, down-mixed and resampled (soxr, high quality)."""
     if not Path(path).is_file():
         raise AudioError(f"audio file {path} does not exist")
+    return _decode(str(path), f"audio file {path}")
+
+
+def decode_audio(data: bytes, name: str = "audio") -> np.ndarray:
+    """Audio file bytes (an upload, say) as 24 kHz mono float32, as read_audio reads a file."""
+    return _decode(io.BytesIO(data), name)
+
+
+def _decode(source, name: str) -> np.ndarray:
     try:
-        audio, rate = sf.read(str(path), dtype="float32", always_2d=True)
+        audio, rate = sf.read(source, dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, TypeError) as e:
-        raise AudioError(f"cannot read audio file {path} ({e}): use WAV, FLAC, OGG or MP3") from None
+        raise AudioError(f"cannot read {name} ({e}): use WAV, FLAC, OGG or MP3") from None
     if audio.shape[0] == 0:
-        raise AudioError(f"audio file {path} holds no samples")
+        raise AudioError(f"{name} holds no samples")
     mono = audio.mean(axis=1)
     if rate != SAMPLE_RATE:
         mono = soxr.resample(mono, rate, SAMPLE_RATE, quality="HQ")

@@ -16,6 +16,7 @@ class CodecError(ValueError):
 
 class Mimi:
     def __init__(self, path: os.PathLike):
+        self.path = path  # another instance, for another stream, loads the same weights
         try:
             # rustymimi's default is 8 codebooks; CSM uses all 32.
             self._mimi = rustymimi.Tokenizer(str(path), num_codebooks=NUM_CODEBOOKS)

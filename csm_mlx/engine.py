@@ -273,6 +273,8 @@ class Engine:
         self._cache: Optional[List[BatchKVCache]] = None
         self._last: Optional[mx.array] = None  # (B, 32) the batch's last frames
         self.steps = 0
+        # MLX streams are per thread: the engine thread does all of the engine's work on its own
+        self._stream = mx.new_thread_local_stream(mx.default_device())
         self._thread = threading.Thread(target=self._run, name="csm-engine", daemon=True)
         self._thread.start()
 
@@ -340,8 +342,7 @@ class Engine:
 
     # engine thread
     def _run(self) -> None:
-        # MLX streams belong to the thread that makes them: this one does all of the engine's work
-        with mx.stream(mx.new_stream(mx.default_device())):
+        with mx.stream(self._stream):
             self._loop()
 
     def _loop(self) -> None:
