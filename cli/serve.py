@@ -108,14 +108,14 @@ def run(args) -> None:
             print(f"csm-mlx: serving {args.model} at http://{args.host}:{args.port}/v1 "
                   f"(max batch {args.max_batch}, voices in {args.voices_dir})", file=sys.stderr)
         uvicorn.Server(uvicorn.Config(app, log_level=level, access_log=args.verbose)).run(sockets=[sock])
-    except KeyboardInterrupt:  # uvicorn stops cleanly on Ctrl-C (or SIGTERM), then re-raises it
+    except KeyboardInterrupt:  # uvicorn stops cleanly on Ctrl-C or SIGTERM, then raises it again
         engine.close()
         sock.close()
-        print("csm-mlx: interrupted", file=sys.stderr, flush=True)
-        # Everything is closed and written. Skip the extension modules' teardown: after a clean
-        # shutdown a C++ runtime in it aborted ("terminate called without an active exception")
-        # in about a third of runs, turning a clean stop into exit status 134.
-        os._exit(130)
+        print("csm-mlx: stopped", file=sys.stderr, flush=True)
+        # A server's normal end. Everything is closed and written: skip the extension modules'
+        # teardown, where a C++ runtime aborted ("terminate called without an active exception")
+        # in about a third of runs after a clean shutdown, turning it into exit status 134.
+        os._exit(0)
     finally:
         engine.close()
         sock.close()

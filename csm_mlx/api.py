@@ -15,13 +15,13 @@ import mlx.core as mx
 import numpy as np
 
 from . import hub
-from .audio import AudioError, read_audio
-from .checkpoint import load_model
+from .audio import check_context_audio, read_audio
+from .checkpoint import load_model, read_config
 from .codec import SAMPLE_RATE, Mimi
 from .conversation import Conversation, frame_cap
 from .engine import Engine
 from .frames import TokenizedSegment, generate_batch, stack_frames
-from .options import check_options, check_texts
+from .options import check_options, check_text, check_texts
 from .segment import Segment, Speech, check_speaker
 from .models import Model
 from .text import chunk_text
@@ -69,12 +69,16 @@ VOICES: Dict[str, str] = {
 }
 
 
+def _given_file(explicit: os.PathLike) -> Path:
+    path = Path(explicit).expanduser()
+    if not path.is_file():
+        raise hub.HubError(f"{path} {'is a directory: give the file' if path.is_dir() else 'does not exist'}")
+    return path
+
+
 def _local_or_hub(explicit: Optional[os.PathLike], beside_model: Path, repo: str, filename: str) -> Path:
     if explicit is not None:
-        path = Path(explicit).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} does not exist")
-        return path
+        return _given_file(explicit)
     if beside_model.is_file():
         return beside_model
     return hub.download(repo, [filename]) / filename
@@ -114,7 +118,12 @@ class CSM:
         model (a self-contained converted directory), else from the hub. dtype "auto" runs an
         unquantized model in float32 on the CPU backend, whose bfloat16/float16 products have
         no fast kernels (4-5x slower here), and as stored on a GPU; None keeps it as stored."""
+        # the cheap checks first: given paths, then the config, before any download or allocation
+        for explicit in (tokenizer, mimi):
+            if explicit is not None:
+                _given_file(explicit)
         model_dir = hub.resolve_model(model)
+        read_config(model_dir)
         tokenizer_path, mimi_path = find_tokenizer(model_dir, tokenizer), find_mimi(model_dir, mimi)
         csm_model, info = load_model(model_dir, dtype=None if dtype == "auto" else dtype)
         if dtype == "auto" and info["quantization"] is None and mx.default_device().type == mx.cpu:
@@ -132,12 +141,10 @@ class CSM:
 
     def tokenize(self, segment: Segment) -> TokenizedSegment:
         check_speaker(segment.speaker)
+        check_text(segment.text, "context text")
         codes = None
         if segment.audio is not None:
-            audio = np.asarray(segment.audio, dtype=np.float32)
-            if audio.ndim != 1 or audio.size == 0:
-                raise AudioError(f"context audio of speaker {segment.speaker} must be non-empty mono (samples,)")
-            codes = self.mimi.encode(audio)
+            codes = self.mimi.encode(check_context_audio(segment.audio, f"context audio of speaker {segment.speaker}"))
         return TokenizedSegment(self.tokenizer.encode(segment.text, segment.speaker), codes, segment.pinned)
 
     def speech(self, codes: np.ndarray) -> Speech:
@@ -286,13 +293,15 @@ class CSM:
         stream starts, so chunks join with no seam. One stream at a time per CSM object."""
         chunk_frames = check_options(chunk_frames=chunk_frames)["chunk_frames"]
         source = self.frames(text, speaker, context, **kwargs)
-        self.mimi.reset()
-        pending = []
-        for frame in source:
-            pending.append(frame)
-            if len(pending) == chunk_frames:
-                yield self.mimi.decode_step(np.stack(pending, axis=1))
-                pending.clear()
-        if pending:
-            yield self.mimi.decode_step(np.stack(pending, axis=1))
 
+        def chunks():
+            pending = []
+            for frame in source:
+                pending.append(frame)
+                if len(pending) == chunk_frames:
+                    yield stack_frames(pending)
+                    pending = []
+            if pending:
+                yield stack_frames(pending)
+
+        return self.mimi.decode_chunks(chunks())

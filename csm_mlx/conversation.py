@@ -176,19 +176,22 @@ class Conversation:
         return self.csm.speech(stack_frames(list(self.frames(text, speaker, **kwargs))))
 
 
+def fade_ends(audio: np.ndarray, sample_rate: int, fade_ms: float = 5) -> np.ndarray:
+    """A copy of audio with a short fade in and out, so a turn that starts or stops off zero does not click."""
+    audio = np.array(audio, dtype=np.float32)
+    ramp = np.linspace(0.0, 1.0, min(int(sample_rate * fade_ms / 1000), len(audio) // 2), dtype=np.float32)
+    if len(ramp):
+        audio[: len(ramp)] *= ramp
+        audio[len(audio) - len(ramp) :] *= ramp[::-1]
+    return audio
+
+
 def join_turns(turns: Sequence[np.ndarray], sample_rate: int, pause_ms: float = 300, fade_ms: float = 5) -> np.ndarray:
-    """One track from separately decoded turns: a short fade at each turn's ends (no click where
-    a turn starts or stops off zero) and pause_ms of silence between turns."""
-    fade = int(sample_rate * fade_ms / 1000)
+    """One track from separately decoded turns: each faded at its ends, pause_ms of silence between."""
     pause = np.zeros(int(sample_rate * pause_ms / 1000), np.float32)
     parts = []
     for n, audio in enumerate(turns):
-        audio = np.array(audio, dtype=np.float32)
-        ramp = np.linspace(0.0, 1.0, min(fade, len(audio) // 2), dtype=np.float32)
-        if len(ramp):
-            audio[: len(ramp)] *= ramp
-            audio[len(audio) - len(ramp) :] *= ramp[::-1]
-        parts += [pause, audio] if n else [audio]
+        parts += [pause, fade_ends(audio, sample_rate, fade_ms)] if n else [fade_ends(audio, sample_rate, fade_ms)]
     return np.concatenate(parts) if parts else np.zeros(0, np.float32)
 
 
@@ -205,11 +208,13 @@ def read_script(path) -> List[Segment]:
 
     path = Path(path)
     try:
-        content = path.read_text()
+        content = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ScriptError(f"script {path} does not exist") from None
-    except (UnicodeDecodeError, IsADirectoryError) as e:
-        raise ScriptError(f"script {path} is not a text file ({e})") from None
+    except IsADirectoryError:
+        raise ScriptError(f"script {path} is a directory: give a text, JSON or YAML file") from None
+    except UnicodeDecodeError:
+        raise ScriptError(f"script {path} is not UTF-8 text: convert it, e.g. with iconv -t UTF-8") from None
     if path.suffix.lower() in (".json", ".yaml", ".yml"):
         try:
             turns = yaml.safe_load(content)  # YAML is a superset of JSON
@@ -233,13 +238,14 @@ def read_script(path) -> List[Segment]:
             speaker = check_speaker(turn.get("speaker"))
         except ValueError as e:
             raise ScriptError(f"{path}: turn {n}: {e}") from None
-        audio = None
+        audio, source = None, None
         if turn.get("audio"):
+            source = path.parent / str(turn["audio"])
             try:
-                audio = read_audio(path.parent / turn["audio"])
+                audio = read_audio(source)
             except AudioError as e:
                 raise ScriptError(f"{path}: turn {n}: {e}") from None
-        segments.append(Segment(speaker, turn["text"], audio))
+        segments.append(Segment(speaker, turn["text"], audio, source=source))
     if not segments:
         raise ScriptError(f"{path} holds no turns")
     return segments

@@ -1,7 +1,8 @@
 """Prompt rows and the frame loop: backbone -> codebook 0 -> 31 depth-decoder steps -> next frame."""
 
+from collections import OrderedDict
 from dataclasses import dataclass
-from functools import partial
+from functools import lru_cache, partial
 from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import mlx.core as mx
@@ -16,6 +17,8 @@ from .options import AUDIO_CODES, check_options
 # Long prompts are prefilled in passes of this many rows: on the CPU backend attention builds the
 # whole score matrix, and passes of 512 rows were 18% faster for 1500 rows, with less memory.
 PREFILL_ROWS = 512
+# sampling settings whose compiled frame decoder a model keeps
+COMPILED_DECODERS = 16
 
 Sampler = Callable[[mx.array], mx.array]
 
@@ -66,6 +69,7 @@ def prompt_rows(
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
+@lru_cache(maxsize=COMPILED_DECODERS)
 def make_frame_sampler(
     temperature: float = 0.9, top_k: int = 50, top_p: float = 0.0, min_p: float = 0.0
 ) -> Sampler:
@@ -110,9 +114,22 @@ def decode_frame(model: Model, h: mx.array, sampler: Sampler, with_logits: bool 
 def frame_decoder(model: Model, sampler: Sampler, compiled: bool = True, with_logits: bool = False):
     """decode_frame for this model and sampler. Compiled, a frame's 31 depth-decoder steps
     (always the same shapes: the cache starts empty every frame) trace into one graph; the
-    random state is threaded through it, so seeded sampling gives the same codes either way."""
+    random state is threaded through it, so seeded sampling gives the same codes either way.
+
+    Compiling costs ~0.4 s, so the model keeps its last COMPILED_DECODERS compiled decoders,
+    one per sampler (make_frame_sampler gives the same sampler for the same settings)."""
     decode = partial(decode_frame, model, sampler=sampler, with_logits=with_logits)
-    return mx.compile(decode, inputs=mx.random.state, outputs=mx.random.state) if compiled else decode
+    if not compiled:
+        return decode
+    # in the instance's __dict__, not as a Module attribute, which would join the parameter tree
+    kept = model.__dict__.setdefault("_compiled_frame_decoders", OrderedDict())
+    key = (sampler, with_logits)
+    if key not in kept:
+        kept[key] = mx.compile(decode, inputs=mx.random.state, outputs=mx.random.state)
+        if len(kept) > COMPILED_DECODERS:
+            kept.popitem(last=False)
+    kept.move_to_end(key)
+    return kept[key]
 
 
 def prefill(model: Model, x: mx.array, cache: List[Any]) -> mx.array:
@@ -180,6 +197,7 @@ def generate_batch_frames(
     frame = decode(h[:, -1])
     mx.async_eval(frame)
     active = np.ones(len(prompts), bool)
+    next_frame = None
     for i in range(max_frames):
         if i + 1 < max_frames:
             h = model.backbone(model.embed_frames(frame[:, None]), cache)

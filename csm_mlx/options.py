@@ -94,6 +94,10 @@ def check_text(text: Any, param: str = "text") -> str:
     """Text to speak: a non-empty string."""
     if not isinstance(text, str):
         raise OptionError(param, f"must be a string, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # undecodable bytes of a command line arrive as lone surrogates
+        raise OptionError(param, "is not valid UTF-8: convert it, e.g. with iconv -t UTF-8") from None
     if not text.strip():
         raise OptionError(param, "is empty: give the words to speak")
     return text
