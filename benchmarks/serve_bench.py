@@ -161,7 +161,7 @@ def main():
         server.stop()
     play = play_first_audio(csm, clip, args.seconds)
     base = next((r["audio_s_per_s"] for r in rows if r["clients"] == 1), None)
-    print(f"| clients | audio s | wall s | audio s/s | x 1 client | RTF mean / max | first audio p50 / p95 (s) |")
+    print("| clients | audio s | wall s | audio s/s | x 1 client | RTF mean / max | first audio p50 / p95 (s) |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         ratio = f"{r['audio_s_per_s'] / base:.2f}" if base else "-"

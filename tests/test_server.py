@@ -3,7 +3,6 @@
 import base64
 import io
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -269,7 +268,7 @@ def test_bad_requests_get_openai_errors(live, tmp_path):
         (_post(url, {**ok, "context": "earlier"}), 400, "context", "list of turns"),
         (_post(url, {**ok, "context": [{"text": "x", "audio": "%%%"}]}), 400, "context[0]", "base64"),
         (_post(url, {**ok, "context": [{"text": "x", "audio": base64.b64encode(b"not audio").decode()}]}), 400,
-         "context", "cannot read"),
+         "context[0]", "cannot read"),
         (_post(url, {**ok, "context": [{"text": "x", "audio": base64.b64encode(nan_wav.getvalue()).decode()}]}), 400,
          "context[0]", "NaN"),
         (_post(url, {**ok, "context": [{"speaker": -1, "text": "x"}]}), 400, "context[0].speaker", "at least 0"),
