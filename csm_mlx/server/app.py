@@ -86,7 +86,7 @@ def api_error(e: Exception) -> ApiError:
 
 
 @dataclass
-class Speech:
+class SpeechRequest:
     """A checked speech request."""
 
     text: str
@@ -117,7 +117,7 @@ def _choice(body: dict, name: str, choices, default: str) -> str:
     return value
 
 
-def parse_speech(body: Any) -> Speech:
+def parse_speech(body: Any) -> SpeechRequest:
     """Every field of the OpenAI speech request, and CSM's knobs as extra fields; unknown fields
     are ignored, as clients add their own."""
     if not isinstance(body, dict):
@@ -141,7 +141,7 @@ def parse_speech(body: Any) -> Speech:
     if not isinstance(context, list) or not all(isinstance(turn, dict) for turn in context):
         raise ApiError(400, "context must be a list of turns {speaker, text, audio (base64) or voice}", "context",
                        "invalid_value")
-    return Speech(text, voice, fmt, sse, speed, options, context)
+    return SpeechRequest(text, voice, fmt, sse, speed, options, context)
 
 
 class Server:
@@ -152,7 +152,7 @@ class Server:
         self.csm, self.engine, self.voices, self.pool = csm, engine, voices, pool
         self.model_name, self.transform = model_name, transform
 
-    def context(self, speech: Speech) -> List[TokenizedSegment]:
+    def context(self, speech: SpeechRequest) -> List[TokenizedSegment]:
         """The voice (pinned), then the context turns; runs on a worker thread (Mimi encodes)."""
         speaker = speech.options["speaker"]
         segments = [self.voices.segment(self.voices.resolve(speech.voice), speaker, self.csm.tokenizer)]
@@ -183,7 +183,7 @@ class Server:
             segments.append(TokenizedSegment(self.csm.tokenizer.encode(text, turn_speaker), codes))
         return segments
 
-    def submit(self, speech: Speech):
+    def submit(self, speech: SpeechRequest):
         return self.engine.submit(speech.text, speech.options["speaker"], self.context(speech),
                                   **{k: v for k, v in speech.options.items() if k != "speaker"})
 
@@ -286,13 +286,13 @@ def create_app(server: Server) -> FastAPI:
         except (ValueError, UnicodeDecodeError):
             raise ApiError(400, "the body must be JSON: {model, input, voice, ...}", None, "invalid_json") from None
         try:
-            request_speech = parse_speech(body)
-            request = await run_in_threadpool(server.submit, request_speech)
+            speech_request = parse_speech(body)
+            request = await run_in_threadpool(server.submit, speech_request)
         except (ApiError, OptionError, VoiceError, ContextError, EngineError, AudioError, CodecError) as e:
             raise api_error(e) from None
-        return await respond(http, request, request_speech)
+        return await respond(http, request, speech_request)
 
-    async def respond(http: HttpRequest, request, speech: Speech):
+    async def respond(http: HttpRequest, request, speech: SpeechRequest):
         loop = asyncio.get_running_loop()
         items: "asyncio.Queue[tuple]" = asyncio.Queue()
 
