@@ -11,7 +11,7 @@ import sys
 from typing import Callable, List, Optional
 
 # subcommand -> module under cli/; anything else is text for `speak`
-COMMANDS = {"dialogue": "dialogue", "batch": "batch"}
+COMMANDS = {"dialogue": "dialogue", "batch": "batch", "serve": "serve"}
 
 
 def main(argv: Optional[List[str]] = None) -> int:

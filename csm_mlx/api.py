@@ -19,6 +19,7 @@ from .audio import check_context_audio, read_audio
 from .checkpoint import load_model, read_config
 from .codec import SAMPLE_RATE, Mimi
 from .conversation import Conversation, frame_cap
+from .engine import Engine
 from .frames import TokenizedSegment, generate_batch, stack_frames
 from .options import check_options, check_text, check_texts
 from .segment import Segment, Speech, check_speaker
@@ -31,7 +32,7 @@ MIMI_FILE = "tokenizer-e351c8d8-checkpoint125.safetensors"
 TOKENIZER_REPO = "unsloth/Llama-3.2-1B"  # an ungated copy of the Llama-3.2 tokenizer
 TOKENIZER_FILE = "tokenizer.json"
 
-# The reference demo's voice prompts (files in the sesame/csm-1b repo) and their transcripts.
+# The voice prompts of the sesame/csm-1b repo (prompts/NAME.wav) and the reference demo's transcripts.
 VOICES: Dict[str, str] = {
     "conversational_a": (
         "like revising for an exam I'd have to try and like keep up the momentum because I'd "
@@ -48,6 +49,22 @@ VOICES: Dict[str, str] = {
         "will have like a question block. And if you like, you know, punch it, a coin will "
         "come out. So like everyone, when they come into the park, they get like this little "
         "bracelet and then you can go punching question blocks around."
+    ),
+    "read_speech_a": (
+        "And Lake turned round upon me, a little abruptly, his odd yellowish eyes, a little like those of "
+        "the sea eagle, and the ghost of his smile that flickered on his singularly pale face, with a stern "
+        "and insidious look, confronted me."
+    ),
+    "read_speech_b": (
+        "He was such a big boy that he wore high boots and carried a jack knife. He gazed and gazed at the "
+        "cap, and could not keep from fingering the blue tassel."
+    ),
+    "read_speech_c": (
+        "All passed so quickly, there was so much going on around him, the Tree quite forgot to look to himself."
+    ),
+    "read_speech_d": (
+        "Suddenly I was back in the old days Before you felt we ought to drift apart. It was some trick-the "
+        "way your eyebrows raise."
     ),
 }
 
@@ -134,6 +151,11 @@ class CSM:
         """Speech for Mimi codes (32, frames), decoded in one pass."""
         audio = self.mimi.decode(codes) if codes.shape[1] else np.zeros(0, np.float32)
         return Speech(audio, self.sample_rate, codes)
+
+    def engine(self, max_batch: int = 8, **kwargs) -> Engine:
+        """A continuous-batching engine over this model, for many concurrent requests (a server's):
+        submit() from any thread, iterate each request for its frames. Close it when done."""
+        return Engine(self, max_batch, **kwargs)
 
     def conversation(self, context: Sequence[Segment] = ()) -> Conversation:
         """A conversation to speak turn after turn, each generated turn becoming context."""

@@ -1,5 +1,6 @@
 """Reading context audio (any common format, rate, channel count) and writing output atomically."""
 
+import io
 import os
 import secrets
 from pathlib import Path
@@ -37,20 +38,31 @@ def read_audio(path: os.PathLike, max_seconds: Optional[float] = MAX_CONTEXT_SEC
     A clip longer than max_seconds is refused from its header, before its samples are read."""
     path = Path(path)
     _check_readable(path, "audio file")
+    return _decode(str(path), f"audio file {path}", max_seconds)
+
+
+def decode_audio(data: bytes, name: str = "audio", max_seconds: Optional[float] = MAX_CONTEXT_SECONDS) -> np.ndarray:
+    """Audio file bytes (an upload, say) as 24 kHz mono float32, checked as read_audio checks a file."""
+    return _decode(io.BytesIO(data), name, max_seconds)
+
+
+def _decode(source, name: str, max_seconds: Optional[float]) -> np.ndarray:
     try:
-        info = sf.info(str(path))
+        info = sf.info(source)
         if max_seconds is not None and info.frames > max_seconds * info.samplerate:
             raise AudioError(
-                f"audio file {path} is {info.frames / info.samplerate:.0f} s long; the model's window holds at most "
+                f"{name} is {info.frames / info.samplerate:.0f} s long; the model's window holds at most "
                 f"{max_seconds:.0f} s of audio, context included: use a shorter clip (5-20 s makes a good voice prompt)"
             )
-        audio, rate = sf.read(str(path), dtype="float32", always_2d=True)
+        if isinstance(source, io.BytesIO):
+            source.seek(0)
+        audio, rate = sf.read(source, dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, TypeError) as e:
-        raise AudioError(f"cannot read audio file {path} ({e}): use WAV, FLAC, OGG or MP3") from None
+        raise AudioError(f"cannot read {name} ({e}): use WAV, FLAC, OGG or MP3") from None
     if audio.shape[0] == 0:
-        raise AudioError(f"audio file {path} holds no samples")
+        raise AudioError(f"{name} holds no samples")
     if not np.isfinite(audio).all():
-        raise AudioError(f"audio file {path} holds NaN or infinite samples: it is corrupt")
+        raise AudioError(f"{name} holds NaN or infinite samples: it is corrupt")
     mono = audio.mean(axis=1)
     if rate != SAMPLE_RATE:
         mono = soxr.resample(mono, rate, SAMPLE_RATE, quality="HQ")

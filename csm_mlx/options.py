@@ -77,6 +77,7 @@ RULES: Dict[str, Rule] = {
     "chunk_frames": Rule(int, 1, WINDOW_FRAMES),
     "batch_size": Rule(int, 1, 256),
     "pause_ms": Rule(float, 0.0, 60_000.0, unit=" ms"),
+    "speed": Rule(float, 0.25, 4.0),  # the OpenAI speech API's range
 }
 
 

@@ -78,6 +78,7 @@ def hub_cache(transformers_dir, tokenizer_path, mimi_path, tmp_path_factory):
         "tokenizer.json": tokenizer_path,
         "prompts/conversational_a.wav": write_voice(voices / "a.wav", seed=1),
         "prompts/conversational_b.wav": write_voice(voices / "b.wav", seed=2),
+        **{f"prompts/read_speech_{x}.wav": write_voice(voices / f"read_{x}.wav", seed=3 + n) for n, x in enumerate("abcd")},
     })
     add_to_hub_cache(HUB_CACHE, "kyutai/moshiko-pytorch-bf16", {mimi_path.name: mimi_path})
     return HUB_CACHE

@@ -1,0 +1,394 @@
+"""The OpenAI-compatible speech API over the engine (FastAPI): routes, request checks, OpenAI error
+bodies, the API key and body limits.
+
+    POST /v1/audio/speech          speech, streamed as it is generated (audio bytes or SSE)
+    GET  /v1/audio/voices          presets, OpenAI names, user voices ("voices" and "data")
+    POST /v1/audio/voices          a user voice from a clip and its transcript (multipart)
+    DELETE /v1/audio/voices/{id}
+    GET  /v1/models, /v1/audio/models, /health
+"""
+
+import asyncio
+import base64
+import binascii
+import hmac
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional
+
+from fastapi import FastAPI, Request as HttpRequest
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+
+from ..api import CSM
+from ..audio import AudioError, decode_audio
+from ..codec import SAMPLE_RATE, CodecError
+from ..context import ContextError
+from ..engine import Engine, EngineError, EngineFull
+from ..frames import TokenizedSegment
+from ..options import OptionError, RULES, check_options, check_text
+from .encoders import FORMATS, MEDIA_TYPES
+from .stream import AudioTransform, run_audio
+from .voices import MimiPool, VoiceError, VoiceStore
+
+log = logging.getLogger("csm_mlx.server")
+
+MAX_INPUT_CHARS = 4096  # the OpenAI API's limits
+MAX_INSTRUCTIONS_CHARS = 4096
+MAX_CLIP_BYTES = 10 * 2**20
+MAX_BODY_BYTES = 16 * 2**20  # a speech request with a few context turns of audio
+MODEL_ALIASES = ("tts-1", "tts-1-hd", "gpt-4o-mini-tts")
+# the CSM knobs a speech request may set, with the library's defaults
+KNOBS: Dict[str, Any] = {"speaker": 0, "temperature": 0.9, "top_k": 50, "top_p": 0.0, "min_p": 0.0, "seed": None,
+                         "max_audio_length_ms": None, "stop_after_repeats": None, "chunk_chars": 250}
+
+
+class ApiError(Exception):
+    """An OpenAI error body with its status."""
+
+    def __init__(self, status: int, message: str, param: Optional[str] = None, code: Optional[str] = None,
+                 headers: Optional[Dict[str, str]] = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
+
+    def response(self) -> JSONResponse:
+        kind = {401: "authentication_error", 429: "rate_limit_error"}.get(self.status, "invalid_request_error")
+        if self.status >= 500:
+            kind = "server_error"
+        body = {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+        return JSONResponse(body, self.status, headers=self.headers)
+
+
+class StreamAborted(Exception):
+    """Generation failed after the response had started: the connection is closed without the
+    chunked body's end, so the client sees a broken transfer, never a clean short file."""
+
+
+def api_error(e: Exception) -> ApiError:
+    """The library's errors as OpenAI errors."""
+    if isinstance(e, ApiError):
+        return e
+    if isinstance(e, OptionError):
+        return ApiError(400, str(e), e.param, "invalid_value")
+    if isinstance(e, VoiceError):
+        return ApiError(e.status, str(e), e.param, "voice_not_found" if e.status == 404 else "invalid_value")
+    if isinstance(e, ContextError):
+        return ApiError(400, f"the request does not fit the model's window: {e}", "input", "context_length_exceeded")
+    if isinstance(e, EngineFull):
+        return ApiError(429, str(e), None, "queue_full", {"Retry-After": "1"})
+    if isinstance(e, (AudioError, CodecError)):
+        return ApiError(400, str(e), "context", "invalid_audio")
+    return ApiError(500, f"generation failed: {e}", None, "server_error")
+
+
+@dataclass
+class SpeechRequest:
+    """A checked speech request."""
+
+    text: str
+    voice: str
+    fmt: str
+    sse: bool
+    speed: float
+    options: Dict[str, Any]
+    context: List[dict] = field(default_factory=list)
+
+
+def _string(body: dict, name: str, limit: Optional[int] = None, required: bool = True) -> Optional[str]:
+    value = body.get(name)
+    if value is None and not required:
+        return None
+    if not isinstance(value, str) or (required and not value.strip()):
+        raise ApiError(400, f"{name} must be a non-empty string", name, "invalid_value")
+    if limit is not None and len(value) > limit:
+        raise ApiError(400, f"{name} is {len(value)} characters long: at most {limit} are allowed", name,
+                       "string_above_max_length")
+    return value
+
+
+def _choice(body: dict, name: str, choices, default: str) -> str:
+    value = body.get(name, default)
+    if value not in choices:
+        raise ApiError(400, f"{name} must be one of {', '.join(choices)}, got {value!r}", name, "invalid_value")
+    return value
+
+
+def parse_speech(body: Any) -> SpeechRequest:
+    """Every field of the OpenAI speech request, and CSM's knobs as extra fields; unknown fields
+    are ignored, as clients add their own."""
+    if not isinstance(body, dict):
+        raise ApiError(400, "the body must be a JSON object", None, "invalid_json")
+    _string(body, "model")
+    text = _string(body, "input", MAX_INPUT_CHARS)
+    check_text(text, "input")
+    voice = body.get("voice")
+    if isinstance(voice, dict):
+        voice = voice.get("id")
+    if not isinstance(voice, str) or not voice.strip():
+        raise ApiError(400, 'voice must be a voice name or {"id": ...}: see GET /v1/audio/voices', "voice",
+                       "invalid_value")
+    fmt = _choice(body, "response_format", FORMATS, "mp3")
+    sse = _choice(body, "stream_format", ("audio", "sse"), "audio") == "sse"
+    _string(body, "instructions", MAX_INSTRUCTIONS_CHARS, required=False)
+    knobs = {k: body.get(k, default) for k, default in KNOBS.items()}
+    options = check_options(speed=body.get("speed", 1.0), **knobs)
+    speed = options.pop("speed")
+    context = body.get("context") or []
+    if not isinstance(context, list) or not all(isinstance(turn, dict) for turn in context):
+        raise ApiError(400, "context must be a list of turns {speaker, text, audio (base64) or voice}", "context",
+                       "invalid_value")
+    return SpeechRequest(text, voice, fmt, sse, speed, options, context)
+
+
+class Server:
+    """What the routes share: the model, the engine, the voices and the Mimi pool."""
+
+    def __init__(self, csm: CSM, engine: Engine, voices: VoiceStore, pool: MimiPool, model_name: str,
+                 transform: Optional[Callable[[], AudioTransform]] = None):
+        self.csm, self.engine, self.voices, self.pool = csm, engine, voices, pool
+        self.model_name, self.transform = model_name, transform
+
+    def context(self, speech: SpeechRequest) -> List[TokenizedSegment]:
+        """The voice (pinned), then the context turns; runs on a worker thread (Mimi encodes)."""
+        speaker = speech.options["speaker"]
+        segments = [self.voices.segment(self.voices.resolve(speech.voice), speaker, self.csm.tokenizer)]
+        for n, turn in enumerate(speech.context):
+            param = f"context[{n}]"
+            turn_speaker = RULES["speaker"].check(f"{param}.speaker", turn.get("speaker", speaker))
+            if turn.get("voice") is not None:
+                if not isinstance(turn["voice"], str):
+                    raise ApiError(400, f"{param}.voice must be a voice name or id", param, "invalid_value")
+                voice = self.voices.resolve(turn["voice"])
+                segments.append(TokenizedSegment(self.csm.tokenizer.encode(voice.transcript, turn_speaker),
+                                                 self.voices.codes(voice)))
+                continue
+            text = check_text(turn.get("text"), f"{param}.text")
+            codes = None
+            if turn.get("audio") is not None:
+                try:
+                    data = base64.b64decode(turn["audio"], validate=True)
+                except (binascii.Error, TypeError, ValueError):
+                    raise ApiError(400, f"{param}.audio must be base64 audio file bytes (WAV, FLAC, OGG, MP3)",
+                                   param, "invalid_value") from None
+                try:
+                    audio = decode_audio(data, f"{param}.audio")
+                except AudioError as e:
+                    raise ApiError(400, str(e), param, "invalid_audio") from None
+                with self.pool.take() as mimi:
+                    codes = mimi.encode(audio)
+            segments.append(TokenizedSegment(self.csm.tokenizer.encode(text, turn_speaker), codes))
+        return segments
+
+    def submit(self, speech: SpeechRequest):
+        return self.engine.submit(speech.text, speech.options["speaker"], self.context(speech),
+                                  **{k: v for k, v in speech.options.items() if k != "speaker"})
+
+
+def _sse(event: dict) -> bytes:
+    return f"data: {json.dumps(event)}\n\n".encode()
+
+
+def create_app(server: Server) -> FastAPI:
+    app = FastAPI(title="csm-mlx", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(ApiError)
+    async def on_api_error(_, e: ApiError):
+        return e.response()
+
+    @app.exception_handler(HTTPException)
+    async def on_http_error(_, e: HTTPException):
+        message = {404: "no such route: see /v1/audio/speech, /v1/audio/voices, /v1/models",
+                   405: "method not allowed on this route"}.get(e.status_code, str(e.detail))
+        return ApiError(e.status_code, message, None, None, dict(e.headers or {})).response()
+
+    @app.exception_handler(Exception)
+    async def on_error(_, e: Exception):
+        log.error("unexpected error: %r", e)
+        return ApiError(500, f"internal error: {e}", None, "server_error").response()
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "active": server.engine.active, "waiting": server.engine.waiting,
+                "max_batch": server.engine.max_batch}
+
+    def models():
+        created = int(time.time())
+        return [{"id": name, "object": "model", "created": created, "owned_by": "csm-mlx"}
+                for name in (server.model_name, *MODEL_ALIASES)]
+
+    @app.get("/v1/models")
+    async def list_models():
+        return {"object": "list", "data": models()}
+
+    @app.get("/v1/audio/models")
+    async def list_audio_models():
+        return {"models": [{"id": m["id"]} for m in models()], "data": models()}
+
+    @app.get("/v1/audio/voices")
+    async def list_voices():
+        voices = [v.describe() for v in await run_in_threadpool(server.voices.list)]
+        return {"object": "list", "voices": voices, "data": voices}
+
+    @app.post("/v1/audio/voices")
+    async def create_voice(http: HttpRequest):
+        try:
+            form = await http.form(max_files=1, max_fields=8)
+        except (ApiError, HTTPException):
+            raise
+        except Exception as e:  # multipart's own errors: a malformed body
+            raise ApiError(400, f"expected a multipart form with name, transcript and audio_sample ({e})") from None
+        name = form.get("name")
+        transcript = form.get("transcript")
+        clip = form.get("audio_sample")
+        if not isinstance(name, str) or not name.strip() or len(name) > 128:
+            raise ApiError(400, "name must be a non-empty text field of at most 128 characters", "name")
+        if not isinstance(transcript, str) or not transcript.strip():
+            raise ApiError(400, "transcript must be the text the clip says: CSM clones a voice from both", "transcript")
+        if len(transcript) > MAX_INPUT_CHARS:
+            raise ApiError(400, f"transcript is longer than {MAX_INPUT_CHARS} characters", "transcript")
+        if not isinstance(clip, UploadFile):
+            raise ApiError(400, "audio_sample must be an uploaded audio file (WAV, FLAC, OGG, MP3)", "audio_sample")
+        data = await clip.read(MAX_CLIP_BYTES + 1)
+        if len(data) > MAX_CLIP_BYTES:
+            raise ApiError(413, f"audio_sample is larger than {MAX_CLIP_BYTES // 2**20} MiB", "audio_sample",
+                           "file_too_large")
+
+        def create():
+            try:
+                # its length is the store's to judge (413 past its limit), not the window's
+                audio = decode_audio(data, "audio_sample", max_seconds=None)
+            except AudioError as e:
+                raise ApiError(400, str(e), "audio_sample", "invalid_audio") from None
+            return server.voices.create(name.strip(), transcript.strip(), audio)
+
+        try:
+            voice = await run_in_threadpool(create)
+        except VoiceError as e:
+            raise api_error(e) from None
+        return {"object": "audio.voice", "id": voice.id, "name": voice.name, "created_at": voice.created_at}
+
+    @app.delete("/v1/audio/voices/{voice_id}")
+    async def delete_voice(voice_id: str):
+        try:
+            await run_in_threadpool(server.voices.delete, voice_id)
+        except VoiceError as e:
+            raise api_error(e) from None
+        return {"object": "audio.voice.deleted", "id": voice_id, "deleted": True}
+
+    @app.post("/v1/audio/speech")
+    async def speech(http: HttpRequest):
+        try:
+            body = json.loads(await http.body())
+        except (ValueError, UnicodeDecodeError):
+            raise ApiError(400, "the body must be JSON: {model, input, voice, ...}", None, "invalid_json") from None
+        try:
+            speech_request = parse_speech(body)
+            request = await run_in_threadpool(server.submit, speech_request)
+        except (ApiError, OptionError, VoiceError, ContextError, EngineError, AudioError, CodecError) as e:
+            raise api_error(e) from None
+        return await respond(http, request, speech_request)
+
+    async def respond(http: HttpRequest, request, speech: SpeechRequest):
+        loop = asyncio.get_running_loop()
+        items: "asyncio.Queue[tuple]" = asyncio.Queue()
+
+        def emit(kind, payload):
+            loop.call_soon_threadsafe(items.put_nowait, (kind, payload))
+
+        transform = server.transform() if server.transform is not None else None
+        run_audio(request, server.pool, speech.fmt, speech.speed, transform, emit)
+        # The status goes out with the first audio: a failure before it is a proper error response.
+        first = None
+        while first is None:
+            try:
+                first = await asyncio.wait_for(items.get(), 0.25)
+            except asyncio.TimeoutError:
+                if await http.is_disconnected():
+                    request.cancel()
+                    return Response(status_code=499)
+        if first[0] == "error":
+            return api_error(first[1]).response()
+
+        def usage():
+            return {"input_tokens": request.text_tokens, "output_tokens": request.frames,
+                    "total_tokens": request.text_tokens + request.frames}
+
+        async def body():
+            item = first
+            try:
+                while True:
+                    kind, payload = item
+                    if kind == "data":
+                        yield _sse({"type": "speech.audio.delta", "audio": base64.b64encode(payload).decode()}) \
+                            if speech.sse else payload
+                    elif kind == "end":
+                        if speech.sse:
+                            yield _sse({"type": "speech.audio.done", "usage": usage()})
+                        return
+                    elif speech.sse:  # the error is an event of its own, then the stream ends
+                        error = api_error(payload)
+                        yield _sse({"type": "error", "error": {"message": error.message, "type": "server_error",
+                                                               "param": None, "code": error.code}})
+                        return
+                    else:
+                        raise StreamAborted(str(payload))
+                    item = await items.get()
+            finally:
+                request.cancel()  # a client that went away frees its row at the next frame
+
+        media_type = "text/event-stream" if speech.sse else MEDIA_TYPES[speech.fmt]
+        headers = {"X-Sample-Rate": str(SAMPLE_RATE), "Cache-Control": "no-cache"}
+        return StreamingResponse(body(), media_type=media_type, headers=headers)
+
+    return app
+
+
+class Guard:
+    """The API key and the body limit, checked before any route runs; and a stream that failed
+    after it started ends as a broken transfer rather than a traceback."""
+
+    def __init__(self, app, api_key: Optional[str] = None):
+        self.app, self.api_key = app, api_key
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        if self.api_key and scope["path"] != "/health":
+            given = headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
+                problem = "no API key given" if not given else "the API key is wrong"
+                response = ApiError(401, f"{problem}: send Authorization: Bearer <the server's --api-key>", None,
+                                    "invalid_api_key")
+                return await response.response()(scope, receive, send)
+        limit = MAX_CLIP_BYTES + 2**20 if scope["path"] == "/v1/audio/voices" else MAX_BODY_BYTES
+        too_large = ApiError(413, f"the request body is larger than {limit // 2**20} MiB", None, "payload_too_large")
+        length = headers.get("content-length", "")
+        if length.isdigit() and int(length) > limit:
+            return await too_large.response()(scope, receive, send)
+        seen = 0
+
+        async def limited_receive():  # a chunked body has no length to check up front
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > limit:
+                raise too_large
+            return message
+
+        try:
+            await self.app(scope, limited_receive, send)
+        except StreamAborted:
+            pass
+
+
+def build_app(csm: CSM, engine: Engine, voices_dir, *, api_key: Optional[str] = None, model_name: str = "csm-1b",
+              transform: Optional[Callable[[], AudioTransform]] = None):
+    """The ASGI app to serve: the routes behind the guard."""
+    pool = MimiPool(csm.mimi.path)
+    voices = VoiceStore(voices_dir, pool, lambda name: csm.voice(name).audio)
+    return Guard(create_app(Server(csm, engine, voices, pool, model_name, transform)), api_key)

@@ -1,0 +1,60 @@
+"""One response's audio path, on a thread of its own (never the engine's): frames from the engine
+-> Mimi's streaming decoder (an instance of the pool, one state per response) -> speed -> the
+block-wise transform -> the container encoder -> bytes handed to the event loop."""
+
+import logging
+import threading
+from typing import Callable, Optional, Protocol
+
+import numpy as np
+
+from ..engine import Request
+from .encoders import Tempo, make_encoder
+from .voices import MimiPool
+
+log = logging.getLogger("csm_mlx.server")
+
+
+class AudioTransform(Protocol):
+    """A transform of the response's audio in blocks of its choosing (a watermark, say): process()
+    may hold audio back and return it later; finish() returns what it still holds."""
+
+    def process(self, audio: np.ndarray) -> np.ndarray: ...
+
+    def finish(self) -> np.ndarray: ...
+
+
+def run_audio(request: Request, pool: MimiPool, fmt: str, speed: float,
+              transform: Optional[AudioTransform], emit: Callable[[str, object], None]) -> threading.Thread:
+    """Start the thread; emit("data", bytes) as the container has bytes, then emit("end", None),
+    or emit("error", exception). The engine request is cancelled if this path fails."""
+
+    def run():
+        try:
+            encoder = make_encoder(fmt)
+            tempo = Tempo(speed) if speed != 1 else None
+            with pool.take() as mimi:
+                for frame in request:
+                    audio = mimi.decode_step(frame[:, None])
+                    if tempo is not None:
+                        audio = tempo.process(audio)
+                    if transform is not None:
+                        audio = transform.process(audio)
+                    data = encoder.encode(audio)
+                    if data:
+                        emit("data", data)
+            tail = tempo.finish() if tempo is not None else np.zeros(0, np.float32)
+            if transform is not None:
+                tail = np.concatenate([transform.process(tail), transform.finish()])
+            data = encoder.encode(tail) + encoder.finish()
+            if data:
+                emit("data", data)
+            emit("end", None)
+        except Exception as e:  # noqa: BLE001 - every failure must reach the client, not just the log
+            request.cancel()
+            log.warning("request %d failed while streaming: %s", request.id, e)
+            emit("error", e)
+
+    thread = threading.Thread(target=run, name=f"csm-audio-{request.id}")
+    thread.start()
+    return thread

@@ -1,0 +1,189 @@
+"""Voices for the server: the model repo's presets, OpenAI's names mapped onto them, and user voices
+kept under --voices-dir as Mimi codes + transcript (encoded once at upload, never per request).
+
+Also the pool of Mimi instances: Mimi's streaming decoder keeps one state per instance, so every
+response that is decoding holds an instance of its own."""
+
+import base64
+import json
+import os
+import queue
+import re
+import tempfile
+import threading
+import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, Iterator, List, Optional
+
+import numpy as np
+
+from ..api import VOICES
+from ..codec import FRAME_SAMPLES, SAMPLE_RATE, Mimi
+from ..frames import TokenizedSegment
+from ..tokenizer import TextTokenizer
+
+# OpenAI's voice names, so a client that only knows those gets a CSM voice.
+OPENAI_VOICES: Dict[str, str] = {
+    "alloy": "conversational_a", "echo": "conversational_b", "fable": "read_speech_a", "onyx": "read_speech_b",
+    "nova": "read_speech_c", "shimmer": "read_speech_d", "ash": "conversational_b", "ballad": "read_speech_a",
+    "coral": "conversational_a", "sage": "read_speech_c", "verse": "read_speech_d", "marin": "conversational_a",
+    "cedar": "conversational_b",
+}
+MAX_CLIP_SECONDS = 60  # a voice prompt longer than this leaves little of the 2048-row window to speak in
+_ID = re.compile(r"voice_[0-9a-f]{32}")
+
+
+class VoiceError(ValueError):
+    """A voice that does not exist or cannot be made; status is the HTTP status it deserves."""
+
+    def __init__(self, message: str, status: int = 400, param: Optional[str] = "voice"):
+        super().__init__(message)
+        self.status, self.param = status, param
+
+
+class MimiPool:
+    """Fresh Mimi instances, one lent per response and then dropped: rustymimi's reset() leaves
+    its streaming state ~1e-6 off a fresh one, while fresh instances decode bit for bit alike.
+    A few are kept loaded (~0.25 s and ~450 MB each) so a response rarely waits for a load."""
+
+    def __init__(self, path: os.PathLike, spares: int = 2):
+        self._path, self._spares, self._loading = path, spares, 0
+        self._ready: "queue.Queue[Mimi]" = queue.Queue()
+        self._lock = threading.Lock()
+        self._top_up()
+
+    def _top_up(self) -> None:
+        with self._lock:
+            missing = self._spares - self._ready.qsize() - self._loading
+            self._loading += max(missing, 0)
+        for _ in range(missing):
+            threading.Thread(target=self._load, name="csm-mimi-load").start()
+
+    def _load(self) -> None:
+        mimi = Mimi(self._path)
+        with self._lock:
+            self._loading -= 1
+            self._ready.put(mimi)
+
+    @contextmanager
+    def take(self) -> Iterator[Mimi]:
+        try:
+            mimi = self._ready.get_nowait()
+        except queue.Empty:
+            mimi = Mimi(self._path)
+        self._top_up()
+        yield mimi
+
+
+@dataclass
+class Voice:
+    id: str
+    name: str
+    transcript: str
+    kind: str  # preset, alias or custom
+    created_at: int = 0
+    preset: Optional[str] = None  # what an alias or a preset speaks with
+
+    def describe(self) -> dict:
+        info = {"id": self.id, "name": self.name, "object": "audio.voice", "type": self.kind,
+                "created_at": self.created_at}
+        if self.kind == "alias":
+            info["preset"] = self.preset
+        if self.kind == "custom":
+            info["transcript"] = self.transcript
+        return info
+
+
+class VoiceStore:
+    """Presets (encoded on first use, then kept), aliases, and the user voices in directory."""
+
+    def __init__(self, directory: Path, pool: MimiPool, preset_audio: Callable[[str], np.ndarray]):
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._pool, self._preset_audio = pool, preset_audio
+        self._preset_codes: Dict[str, np.ndarray] = {}
+        self._lock = threading.Lock()
+
+    def _path(self, voice_id: str) -> Path:
+        # ids are made here and checked against their pattern: no request names a path
+        return self.directory / f"{voice_id}.json"
+
+    def _custom(self) -> List[dict]:
+        voices = []
+        for path in sorted(self.directory.glob("voice_*.json")):
+            try:
+                record = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue  # a half-copied or foreign file is not a voice
+            if isinstance(record, dict) and _ID.fullmatch(str(record.get("id", ""))):
+                voices.append(record)
+        return voices
+
+    def list(self) -> List[Voice]:
+        voices = [Voice(name, name, VOICES[name], "preset", preset=name) for name in VOICES]
+        voices += [Voice(alias, alias, VOICES[preset], "alias", preset=preset) for alias, preset in OPENAI_VOICES.items()]
+        voices += [Voice(r["id"], r["name"], r["transcript"], "custom", r["created_at"]) for r in self._custom()]
+        return voices
+
+    def resolve(self, voice: str) -> Voice:
+        """A voice by preset name, OpenAI name, user voice id or (unique) user voice name."""
+        matches = [v for v in self.list() if v.id == voice] or [v for v in self.list() if v.name == voice]
+        if len(matches) != 1:
+            known = ", ".join(list(VOICES) + list(OPENAI_VOICES))
+            problem = "names several voices: use its id" if matches else "is not a voice"
+            raise VoiceError(f"voice {voice!r} {problem}; presets are {known}, and GET /v1/audio/voices lists "
+                             "user voices")
+        return matches[0]
+
+    def segment(self, voice: Voice, speaker: int, tokenizer: TextTokenizer) -> TokenizedSegment:
+        """The voice as a pinned context turn spoken by speaker: its transcript and its codes."""
+        return TokenizedSegment(tokenizer.encode(voice.transcript, speaker), self.codes(voice), pinned=True)
+
+    def codes(self, voice: Voice) -> np.ndarray:
+        """The voice's Mimi codes (32, frames)."""
+        if voice.kind == "custom":
+            try:
+                record = json.loads(self._path(voice.id).read_text())
+            except (OSError, ValueError):
+                raise VoiceError(f"voice {voice.id} was deleted", 404) from None
+            shape = tuple(record["codes_shape"])
+            return np.frombuffer(base64.b64decode(record["codes"]), "<u2").reshape(shape).astype(np.int32)
+        with self._lock:
+            if voice.preset not in self._preset_codes:
+                with self._pool.take() as mimi:
+                    self._preset_codes[voice.preset] = mimi.encode(self._preset_audio(voice.preset))
+            return self._preset_codes[voice.preset]
+
+    def create(self, name: str, transcript: str, audio: np.ndarray) -> Voice:
+        """Encode the clip once and store it; the voice survives a restart."""
+        if len(audio) > MAX_CLIP_SECONDS * SAMPLE_RATE:
+            raise VoiceError(f"the voice clip is {len(audio) / SAMPLE_RATE:.0f} s long: give at most "
+                             f"{MAX_CLIP_SECONDS} s (5-20 s of clear speech works best)", 413, "audio_sample")
+        if len(audio) < FRAME_SAMPLES:
+            raise VoiceError("the voice clip is shorter than 80 ms: give 5-20 s of clear speech", 400, "audio_sample")
+        with self._pool.take() as mimi:
+            codes = mimi.encode(audio)
+        voice = Voice(f"voice_{uuid.uuid4().hex}", name, transcript, "custom", int(time.time()))
+        record = {"id": voice.id, "name": name, "transcript": transcript, "created_at": voice.created_at,
+                  "codes_shape": list(codes.shape), "codes": base64.b64encode(codes.astype("<u2").tobytes()).decode()}
+        fd, tmp = tempfile.mkstemp(prefix=".voice-", suffix=".part", dir=self.directory)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(record, f)
+            os.replace(tmp, self._path(voice.id))
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return voice
+
+    def delete(self, voice_id: str) -> None:
+        if not _ID.fullmatch(voice_id):
+            raise VoiceError(f"{voice_id!r} is not a user voice id (voice_ and 32 hex digits); presets cannot be "
+                             "deleted", 400 if voice_id in VOICES or voice_id in OPENAI_VOICES else 404)
+        try:
+            self._path(voice_id).unlink()
+        except FileNotFoundError:
+            raise VoiceError(f"voice {voice_id} does not exist", 404) from None

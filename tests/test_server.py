@@ -1,0 +1,396 @@
+"""The speech server: started for real on a loopback port, spoken to with the official openai client."""
+
+import base64
+import io
+import json
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import av
+import httpx2 as httpx  # the openai client's own HTTP library
+import numpy as np
+import openai
+import pytest
+import soundfile as sf
+import uvicorn
+
+from csm_mlx import CSM
+from csm_mlx.cli.main import main as cli_main
+from csm_mlx.codec import Mimi
+from csm_mlx.server import build_app
+from csm_mlx.server.encoders import to_pcm16
+
+CLI = str(Path(sys.executable).parent / "csm-mlx")
+FRAMES = 8
+SHORT = FRAMES * 80
+GREEDY = {"temperature": 0, "max_audio_length_ms": SHORT}
+
+
+@pytest.fixture(scope="module")
+def csm(hub_cache):
+    return CSM.load()
+
+
+class LiveServer:
+    """uvicorn on 127.0.0.1 and a free port, in a thread of this process (sharing the loaded model)."""
+
+    def __init__(self, csm, voices_dir, max_batch=4, max_queue=1, api_key=None, transform=None):
+        self.engine = csm.engine(max_batch, max_queue=max_queue, prefill_chunk=8)
+        app = build_app(csm, self.engine, voices_dir, api_key=api_key, transform=transform)
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.01)
+
+    def client(self, api_key="unused", **kw) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=api_key, max_retries=0, **kw)
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join()
+        self.engine.close()
+        self.sock.close()
+
+
+@pytest.fixture(scope="module")
+def live(csm, tmp_path_factory):
+    server = LiveServer(csm, tmp_path_factory.mktemp("voices"))
+    yield server
+    server.stop()
+
+
+def speak(client, fmt="wav", voice="alloy", text="Hello from the server.", **extra) -> bytes:
+    with client.audio.speech.with_streaming_response.create(model="tts-1", voice=voice, input=text,
+                                                            response_format=fmt, extra_body=extra) as response:
+        assert response.status_code == 200
+        return b"".join(response.iter_bytes())
+
+
+def decode(data: bytes) -> np.ndarray:
+    """Any container back to float samples at 24 kHz (FFmpeg through PyAV)."""
+    container = av.open(io.BytesIO(data))
+    resampler = av.AudioResampler(format="flt", layout="mono", rate=24_000)
+    frames = [f for frame in [*container.decode(audio=0), None] for f in resampler.resample(frame)]
+    return np.concatenate([f.to_ndarray().reshape(-1) for f in frames])
+
+
+def pcm16(data: bytes) -> np.ndarray:
+    return np.frombuffer(data, "<i2")
+
+
+def best_correlation(a: np.ndarray, b: np.ndarray, max_shift: int = 4000) -> float:
+    """Correlation of b with a at the codec delay that fits best (encoders prime with silence)."""
+    n = min(len(a), len(b) - max_shift)
+    shift = int(np.argmax(np.correlate(b[: n + max_shift], a[:n], "valid")))
+    return float(np.corrcoef(a[:n], b[shift : shift + n])[0, 1])
+
+
+def reference(csm, text="Hello from the server.", preset="conversational_a", speaker=0, **options) -> np.ndarray:
+    """CSM.generate's frames for the request, through a fresh Mimi's streaming decoder (rustymimi's
+    reset() leaves ~1e-6 behind, enough to move a PCM16 sample by one step)."""
+    codes = csm.generate(text, speaker, [csm.voice(preset, speaker)], **{**GREEDY, **options}).codes
+    return Mimi(csm.mimi.path).decode_step(codes)
+
+
+def test_every_format_streams_the_audio_csm_generate_gives(csm, live):
+    expected = reference(csm)
+    assert len(expected) == FRAMES * 1920
+    client = live.client()
+    wav = speak(client, "wav", **GREEDY)
+    assert wav[:4] == b"RIFF" and wav[4:8] == b"\xff\xff\xff\xff"  # a streamed header: length unknown
+    np.testing.assert_array_equal(pcm16(wav[44:]), to_pcm16(expected))
+    np.testing.assert_array_equal(pcm16(speak(client, "pcm", **GREEDY)), to_pcm16(expected))
+    flac = speak(client, "flac", **GREEDY)
+    assert flac[:4] == b"fLaC"
+    np.testing.assert_array_equal(np.round(decode(flac) * 32768).astype(np.int16), to_pcm16(expected))
+    for fmt, magic in (("mp3", b"\xff"), ("opus", b"OggS"), ("aac", b"\xff")):
+        data = speak(client, fmt, **GREEDY)
+        assert data.startswith(magic) and b"Xing" not in data and b"Info" not in data[:200]
+        audio = decode(data)
+        assert len(expected) <= len(audio) <= len(expected) + 3000, fmt  # codec delay and padding only
+        if fmt != "aac":
+            assert best_correlation(expected, audio) > 0.9, fmt
+    # mp3 is the default format, as LibreChat expects
+    default = client.audio.speech.create(model="tts-1", voice="alloy", input="Hello from the server.", extra_body=GREEDY)
+    assert default.content[:1] == b"\xff" and len(decode(default.content)) >= len(expected)
+
+
+def test_sse_deltas_join_to_the_same_audio(live):
+    client = live.client()
+    raw = speak(client, "pcm", **GREEDY)
+    with client.audio.speech.with_streaming_response.create(model="gpt-4o-mini-tts", voice={"id": "alloy"},
+                                                            input="Hello from the server.", response_format="pcm",
+                                                            stream_format="sse", extra_body=GREEDY) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: ")]
+    deltas = [e for e in events if e["type"] == "speech.audio.delta"]
+    assert len(deltas) >= 2 and events[-1]["type"] == "speech.audio.done"
+    assert b"".join(base64.b64decode(e["audio"]) for e in deltas) == raw
+    usage = events[-1]["usage"]
+    assert usage["output_tokens"] == FRAMES and usage["total_tokens"] == usage["input_tokens"] + FRAMES
+
+
+CLIENTS = [
+    dict(text="The first client speaks.", voice="alloy", temperature=0, max_audio_length_ms=720),
+    dict(text="A second one, in another voice.", voice="read_speech_b", speaker=1, temperature=0.9, top_k=40,
+         seed=5, max_audio_length_ms=560),
+    dict(text="Third.", voice="nova", temperature=1.0, top_p=0.8, min_p=0.02, seed=9, max_audio_length_ms=640),
+    dict(text="The fourth text is long enough for two chunks. Here is the second.", voice="conversational_b",
+         chunk_chars=40, temperature=0, max_audio_length_ms=480),
+]
+
+
+def test_concurrent_clients_get_their_solo_audio_and_the_fifth_waits_or_is_refused(live):
+    client = live.client()
+
+    def request(spec, chunks):
+        spec = dict(spec)
+        with client.audio.speech.with_streaming_response.create(
+                model="tts-1", voice=spec.pop("voice"), input=spec.pop("text"), response_format="pcm",
+                extra_body=spec) as response:
+            for chunk in response.iter_bytes():
+                chunks.append(chunk)
+
+    alone = []
+    for spec in CLIENTS:
+        alone.append([])
+        request(spec, alone[-1])
+    together = [[] for _ in CLIENTS]
+    threads = [threading.Thread(target=request, args=(spec, out)) for spec, out in zip(CLIENTS, together)]
+    for t in threads:
+        t.start()
+    while live.engine.active < 4:
+        time.sleep(0.002)
+    waiting = []
+    fifth = threading.Thread(target=request, args=(CLIENTS[0], waiting))  # --max-queue 1: it waits
+    fifth.start()
+    while live.engine.waiting < 1:
+        time.sleep(0.002)
+    with pytest.raises(openai.RateLimitError) as refused:  # and a sixth finds the queue full
+        speak(client, "pcm", **GREEDY)
+    assert refused.value.response.headers["retry-after"] == "1"
+    assert refused.value.body["code"] == "queue_full"
+    for t in threads + [fifth]:
+        t.join()
+    for solo, batched in zip(alone, together):
+        assert len(b"".join(solo)) > 0 and b"".join(batched) == b"".join(solo)
+    assert b"".join(waiting) == b"".join(alone[0])
+    assert live.engine.active == 0
+
+
+def test_a_client_that_disconnects_is_dropped_from_the_batch(live):
+    client = live.client()
+    with client.audio.speech.with_streaming_response.create(
+            model="tts-1", voice="alloy", input="Talk for a long while.", response_format="pcm",
+            extra_body={"max_audio_length_ms": 60_000, "temperature": 0}) as response:
+        next(response.iter_bytes())
+        assert live.engine.active == 1
+    deadline = time.time() + 5
+    while live.engine.active and time.time() < deadline:
+        time.sleep(0.01)
+    assert live.engine.active == 0
+    assert httpx.get(live.url + "/health").json()["active"] == 0
+
+
+def test_voice_upload_list_speak_restart_delete(csm, tmp_path):
+    clip = reference(csm, "A clip to clone.", max_audio_length_ms=960)
+    wav = io.BytesIO()
+    sf.write(wav, clip, 24_000, format="WAV", subtype="PCM_16")
+    server = LiveServer(csm, tmp_path)
+    try:
+        response = httpx.post(server.url + "/v1/audio/voices", data={"name": "mine", "transcript": "A clip to clone."},
+                              files={"audio_sample": ("clip.wav", wav.getvalue(), "audio/wav")})
+        assert response.status_code == 200, response.text
+        voice = response.json()
+        assert voice["object"] == "audio.voice" and voice["name"] == "mine" and voice["id"].startswith("voice_")
+        listed = httpx.get(server.url + "/v1/audio/voices").json()
+        assert voice["id"] in [v["id"] for v in listed["voices"]] and listed["voices"] == listed["data"]
+        assert {"conversational_a", "read_speech_d", "alloy"} <= {v["id"] for v in listed["voices"]}
+        first = speak(server.client(), "pcm", voice=voice["id"], **GREEDY)
+        by_name = speak(server.client(), "pcm", voice="mine", **GREEDY)
+        assert first == by_name and first != speak(server.client(), "pcm", voice="alloy", **GREEDY)
+    finally:
+        server.stop()
+    assert [p.suffix for p in tmp_path.iterdir()] == [".json"]  # Mimi codes and text, no audio
+    server = LiveServer(csm, tmp_path)
+    try:
+        assert voice["id"] in [v["id"] for v in httpx.get(server.url + "/v1/audio/voices").json()["data"]]
+        assert speak(server.client(), "pcm", voice={"id": voice["id"]}, **GREEDY) == first
+        assert httpx.delete(server.url + f"/v1/audio/voices/{voice['id']}").json()["deleted"] is True
+        assert httpx.delete(server.url + f"/v1/audio/voices/{voice['id']}").status_code == 404
+        with pytest.raises(openai.BadRequestError, match="is not a voice"):
+            speak(server.client(), "pcm", voice=voice["id"], **GREEDY)
+    finally:
+        server.stop()
+    assert not list(tmp_path.iterdir())
+
+
+def _post(url, body=None, **kw):
+    return httpx.post(url + "/v1/audio/speech", **({"json": body} if body is not None else {}), **kw)
+
+
+def test_bad_requests_get_openai_errors(live, tmp_path):
+    ok = {"model": "tts-1", "input": "Hi.", "voice": "alloy"}
+    url = live.url
+    wav = io.BytesIO()
+    sf.write(wav, np.zeros(4800, np.float32), 24_000, format="WAV")
+    nan_wav = io.BytesIO()
+    sf.write(nan_wav, np.full(4800, np.nan, np.float32), 24_000, format="WAV", subtype="FLOAT")
+    cases = [
+        (_post(url, {**ok, "input": ""}), 400, "input", "empty"),
+        (_post(url, {**ok, "input": "   "}), 400, "input", "empty"),
+        (_post(url, {**ok, "input": "a" * 4097}), 400, "input", "at most 4096"),
+        (_post(url, {k: v for k, v in ok.items() if k != "input"}), 400, "input", "non-empty string"),
+        (_post(url, {k: v for k, v in ok.items() if k != "model"}), 400, "model", "non-empty string"),
+        (_post(url, {**ok, "voice": "nobody"}), 400, "voice", "is not a voice"),
+        (_post(url, {**ok, "voice": {"name": "x"}}), 400, "voice", "voice name"),
+        (_post(url, {**ok, "response_format": "ogg"}), 400, "response_format", "must be one of"),
+        (_post(url, {**ok, "stream_format": "chunks"}), 400, "stream_format", "must be one of"),
+        (_post(url, {**ok, "speed": 5}), 400, "speed", "at most 4"),
+        (_post(url, {**ok, "speed": 0.1}), 400, "speed", "at least 0.25"),
+        (_post(url, {**ok, "temperature": -1}), 400, "temperature", "at least 0"),
+        (_post(url, {**ok, "top_p": 1.5}), 400, "top_p", "at most 1"),
+        (_post(url, {**ok, "top_k": "many"}), 400, "top_k", "whole number"),
+        (_post(url, {**ok, "seed": -3}), 400, "seed", "at least 0"),
+        (_post(url, {**ok, "max_audio_length_ms": 10}), 400, "max_audio_length_ms", "at least 80"),
+        (_post(url, {**ok, "speaker": 1.5}), 400, "speaker", "whole number"),
+        (_post(url, {**ok, "instructions": "x" * 5000}), 400, "instructions", "at most 4096"),
+        (_post(url, {**ok, "max_audio_length_ms": 160_000}), 400, "input", "window"),
+        (_post(url, {**ok, "context": "earlier"}), 400, "context", "list of turns"),
+        (_post(url, {**ok, "context": [{"text": "x", "audio": "%%%"}]}), 400, "context[0]", "base64"),
+        (_post(url, {**ok, "context": [{"text": "x", "audio": base64.b64encode(b"not audio").decode()}]}), 400,
+         "context[0]", "cannot read"),
+        (_post(url, {**ok, "context": [{"text": "x", "audio": base64.b64encode(nan_wav.getvalue()).decode()}]}), 400,
+         "context[0]", "NaN"),
+        (_post(url, {**ok, "context": [{"speaker": -1, "text": "x"}]}), 400, "context[0].speaker", "at least 0"),
+        (_post(url, content=b"{not json", headers={"content-type": "application/json"}), 400, None, "must be JSON"),
+        (_post(url, ["a list"]), 400, None, "JSON object"),
+        (_post(url, content=b"x" * (17 * 2**20)), 413, None, "larger than 16 MiB"),
+        (httpx.get(url + "/v1/audio/speech"), 405, None, "method not allowed"),
+        (httpx.get(url + "/v1/nothing"), 404, None, "no such route"),
+        (httpx.post(url + "/v1/audio/voices", data={"name": "x", "transcript": "y"}), 400, "audio_sample", "uploaded"),
+        (httpx.post(url + "/v1/audio/voices", data={"name": "x"}, files={"audio_sample": ("a.wav", wav.getvalue())}),
+         400, "transcript", "the text the clip says"),
+        (httpx.post(url + "/v1/audio/voices", data={"name": "x", "transcript": "y"},
+                    files={"audio_sample": ("a.wav", b"RIFF garbage")}), 400, "audio_sample", "cannot read"),
+        (httpx.post(url + "/v1/audio/voices", data={"name": "x", "transcript": "y"},
+                    files={"audio_sample": ("a.wav", b"\0" * (10 * 2**20 + 10))}), 413, "audio_sample", "larger than"),
+        (httpx.delete(url + "/v1/audio/voices/../../etc"), 404, None, "no such route"),
+        (httpx.delete(url + "/v1/audio/voices/alloy"), 400, "voice", "presets cannot be deleted"),
+        (httpx.delete(url + "/v1/audio/voices/voice_" + "0" * 32), 404, "voice", "does not exist"),
+    ]
+    for n, (response, status, param, fragment) in enumerate(cases):
+        error = response.json()["error"]
+        assert (response.status_code, error["param"]) == (status, param), (n, response.text)
+        assert fragment in error["message"] and "Traceback" not in response.text, (n, error)
+        assert set(error) == {"message", "type", "param", "code"}
+    assert live.engine.active == 0 and not list(Path(tmp_path).iterdir())
+
+
+def test_speed_is_a_time_stretch(live):
+    normal = pcm16(speak(live.client(), "pcm", **GREEDY))
+    fast = pcm16(speak(live.client(), "pcm", speed=2.0, **GREEDY))
+    slow = pcm16(speak(live.client(), "pcm", speed=0.5, **GREEDY))
+    # atempo keeps the length to within its analysis window (~40 ms at the end)
+    assert abs(len(fast) - len(normal) / 2) < 1920 and abs(len(slow) - len(normal) * 2) < 1920
+    assert np.abs(fast).max() > 100  # audio, not silence
+
+
+class FailAfter:
+    """A block transform (where a watermark goes) that breaks after a few blocks."""
+
+    def __init__(self, blocks):
+        self.blocks = blocks
+
+    def process(self, audio):
+        self.blocks -= 1
+        if self.blocks < 0:
+            raise RuntimeError("transform broke")
+        return audio
+
+    def finish(self):
+        return np.zeros(0, np.float32)
+
+
+def test_an_error_after_streaming_started_breaks_the_stream_visibly(csm, tmp_path):
+    server = LiveServer(csm, tmp_path, transform=lambda: FailAfter(2))
+    try:
+        client = server.client()
+        received = []
+        with pytest.raises(httpx.RemoteProtocolError):  # no clean end of the chunked body
+            with client.audio.speech.with_streaming_response.create(
+                    model="tts-1", voice="alloy", input="Break me.", response_format="pcm", extra_body=GREEDY) as r:
+                assert r.status_code == 200
+                for chunk in r.iter_bytes():
+                    received.append(chunk)
+        assert 0 < len(b"".join(received)) < FRAMES * 1920 * 2
+        with client.audio.speech.with_streaming_response.create(
+                model="tts-1", voice="alloy", input="Break me.", response_format="pcm", stream_format="sse",
+                extra_body=GREEDY) as r:
+            events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
+        assert events[-1]["type"] == "error" and "transform broke" in events[-1]["error"]["message"]
+        assert server.engine.active == 0
+    finally:
+        server.stop()
+
+
+def test_api_key_and_listings(csm, tmp_path):
+    server = LiveServer(csm, tmp_path, api_key="sesame")
+    try:
+        with pytest.raises(openai.AuthenticationError, match="no API key given|API key is wrong"):
+            speak(server.client(api_key="wrong"), "pcm", **GREEDY)
+        assert httpx.get(server.url + "/v1/models").status_code == 401
+        assert httpx.get(server.url + "/health").json()["status"] == "ok"
+        client = server.client(api_key="sesame")
+        assert {"csm-1b", "tts-1"} <= {m.id for m in client.models.list()}
+        models = httpx.get(server.url + "/v1/audio/models", headers={"Authorization": "Bearer sesame"}).json()
+        assert {"id": "tts-1"} in models["models"]
+        assert len(speak(client, "pcm", **GREEDY)) == FRAMES * 1920 * 2
+    finally:
+        server.stop()
+
+
+def test_serve_command(hub_cache, tmp_path, capsys, monkeypatch):
+    """The real command: a taken port or a missing extra is one line; then it serves with a key until Ctrl-C."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        assert cli_main(["serve", "--port", str(taken.getsockname()[1])]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot listen" in err
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "uvicorn", None)
+        assert cli_main(["serve"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pip install 'csm-mlx[server]'" in err
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    process = subprocess.Popen([CLI, "serve", "--port", str(port), "--api-key", "k", "--voices-dir", str(tmp_path),
+                                "--max-batch", "2"], stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                if httpx.get(url + "/health").json()["max_batch"] == 2:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="k", max_retries=0)
+        assert len(speak(client, "wav", **GREEDY)) == 44 + FRAMES * 1920 * 2
+    finally:
+        process.send_signal(signal.SIGINT)
+        code = process.wait(timeout=30)
+    stderr = process.stderr.read()
+    assert code == 0, stderr  # Ctrl-C is how a server stops
+    assert "Traceback" not in stderr and stderr.strip().endswith("csm-mlx: stopped")
