@@ -187,6 +187,13 @@ def test_concurrent_clients_get_their_solo_audio_and_the_fifth_waits_or_is_refus
     assert live.engine.active == 0
 
 
+def goes_idle(engine, seconds: float = 5) -> bool:
+    deadline = time.time() + seconds
+    while engine.active and time.time() < deadline:
+        time.sleep(0.01)
+    return engine.active == 0
+
+
 def test_a_client_that_disconnects_is_dropped_from_the_batch(live):
     client = live.client()
     with client.audio.speech.with_streaming_response.create(
@@ -194,10 +201,7 @@ def test_a_client_that_disconnects_is_dropped_from_the_batch(live):
             extra_body={"max_audio_length_ms": 60_000, "temperature": 0}) as response:
         next(response.iter_bytes())
         assert live.engine.active == 1
-    deadline = time.time() + 5
-    while live.engine.active and time.time() < deadline:
-        time.sleep(0.01)
-    assert live.engine.active == 0
+    assert goes_idle(live.engine)
     assert httpx.get(live.url + "/health").json()["active"] == 0
 
 
@@ -338,7 +342,7 @@ def test_an_error_after_streaming_started_breaks_the_stream_visibly(csm, tmp_pat
                 extra_body=GREEDY) as r:
             events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
         assert events[-1]["type"] == "error" and "transform broke" in events[-1]["error"]["message"]
-        assert server.engine.active == 0
+        assert goes_idle(server.engine)  # the failed stream's row is freed within a frame or two
     finally:
         server.stop()
 
