@@ -1,12 +1,13 @@
-"""`csm-mlx`: the command line. `csm-mlx TEXT` speaks; `dialogue` and `batch` are subcommands."""
+"""`csm-mlx`: the command line. `csm-mlx TEXT` speaks; `dialogue`, `batch` and `verify` are subcommands."""
 
 import sys
 from typing import List, Optional
 
-from . import batch, dialogue, speak
+from . import batch, dialogue, speak, verify
 from .args import USER_ERRORS, CliError
 
-COMMANDS = {"dialogue": (dialogue.build_parser, dialogue.run), "batch": (batch.build_parser, batch.run)}
+COMMANDS = {"dialogue": (dialogue.build_parser, dialogue.run), "batch": (batch.build_parser, batch.run),
+            "verify": (verify.build_parser, verify.run)}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -17,14 +18,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     else:
         args, command = speak.build_parser().parse_args(argv), speak.run
     try:
-        command(args)
+        code = command(args)
     except (CliError, *USER_ERRORS) as e:
         print(f"csm-mlx: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("csm-mlx: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ EXAMPLES = """examples:
   csm-mlx "Hear it as it is generated." --play
   csm-mlx dialogue script.txt -o conversation.wav --voice 0=conversational_a --voice 1=conversational_b
   csm-mlx batch lines.txt --out-dir clips/ --voice conversational_a
+  csm-mlx verify hello.wav                  # the watermark all output carries (--no-watermark: none)
 
 Text longer than --chunk-chars is spoken sentence by sentence in one voice. A conversation file
 is a list of turns: [{"speaker": 0, "text": "...", "audio": "turn1.wav"}, ...] (JSON or YAML;

@@ -17,18 +17,20 @@ import numpy as np
 from . import hub
 from .audio import AudioError, read_audio
 from .checkpoint import load_model
-from .codec import SAMPLE_RATE, Mimi
+from .codec import FRAME_SAMPLES, SAMPLE_RATE, Mimi
 from .conversation import Conversation, frame_cap
 from .frames import TokenizedSegment, generate_batch, stack_frames
 from .segment import Segment, Speech, check_speaker
 from .models import Model
 from .text import chunk_text
 from .tokenizer import TextTokenizer
+from .watermark import PUBLIC_KEY, Watermarker, check_key
 
 MIMI_REPO = "kyutai/moshiko-pytorch-bf16"
 MIMI_FILE = "tokenizer-e351c8d8-checkpoint125.safetensors"
 TOKENIZER_REPO = "unsloth/Llama-3.2-1B"  # an ungated copy of the Llama-3.2 tokenizer
 TOKENIZER_FILE = "tokenizer.json"
+WATERMARK_DIR = "silentcipher"  # a bundled copy of SilentCipher's weights, beside the model
 
 # The reference demo's voice prompts (files in the sesame/csm-1b repo) and their transcripts.
 VOICES: Dict[str, str] = {
@@ -72,14 +74,23 @@ def find_mimi(model_dir: Path, explicit: Optional[os.PathLike] = None) -> Path:
     return _local_or_hub(explicit, model_dir / MIMI_FILE, MIMI_REPO, MIMI_FILE)
 
 
+def find_watermark(model_dir: Path) -> Optional[Path]:
+    """The SilentCipher weights bundled beside the model, if any (else the hub's are used)."""
+    bundled = model_dir / WATERMARK_DIR
+    return bundled if bundled.is_dir() else None
+
+
 class CSM:
     sample_rate = SAMPLE_RATE
 
-    def __init__(self, model: Model, tokenizer: TextTokenizer, mimi: Mimi, model_dir: Optional[Path] = None):
+    def __init__(self, model: Model, tokenizer: TextTokenizer, mimi: Mimi, model_dir: Optional[Path] = None,
+                 watermarker: Optional[Watermarker] = None, watermark_key: Sequence[int] = PUBLIC_KEY):
         self.model = model
         self.tokenizer = tokenizer
         self.mimi = mimi
         self.model_dir = model_dir
+        self.watermarker = watermarker  # None: speech comes out unmarked
+        self.watermark_key = check_key(watermark_key)
 
     @classmethod
     def load(
@@ -89,19 +100,29 @@ class CSM:
         tokenizer: Optional[os.PathLike] = None,
         mimi: Optional[os.PathLike] = None,
         dtype: Optional[str] = "auto",
+        watermark: bool = True,
+        watermark_key: Optional[Sequence[int]] = None,
     ) -> "CSM":
         """Load a model (hub id, or a directory in original, transformers or MLX format).
 
         The tokenizer and Mimi weights come from the given paths, else from beside the
         model (a self-contained converted directory), else from the hub. dtype "auto" runs an
         unquantized model in float32 on the CPU backend, whose bfloat16/float16 products have
-        no fast kernels (4-5x slower here), and as stored on a GPU; None keeps it as stored."""
+        no fast kernels (4-5x slower here), and as stored on a GPU; None keeps it as stored.
+
+        Like the reference, all speech is watermarked (SilentCipher, with the reference's public
+        key unless watermark_key gives your own 5 bytes), so that it can be identified as
+        AI-generated; its weights come from beside the model, else from the hub. watermark=False
+        turns it off."""
+        key = check_key(PUBLIC_KEY if watermark_key is None else watermark_key)
         model_dir = hub.resolve_model(model)
+        # first: without its weights nothing may be generated, and they load in a moment
+        watermarker = Watermarker.load(find_watermark(model_dir)) if watermark else None
         tokenizer_path, mimi_path = find_tokenizer(model_dir, tokenizer), find_mimi(model_dir, mimi)
         csm_model, info = load_model(model_dir, dtype=None if dtype == "auto" else dtype)
         if dtype == "auto" and info["quantization"] is None and mx.default_device().type == mx.cpu:
             csm_model.set_dtype(mx.float32)
-        return cls(csm_model, TextTokenizer(tokenizer_path), Mimi(mimi_path), model_dir)
+        return cls(csm_model, TextTokenizer(tokenizer_path), Mimi(mimi_path), model_dir, watermarker, key)
 
     def voice(self, name: str, speaker: int = 0) -> Segment:
         """A voice preset of the reference demo: a pinned context segment for speaker."""
@@ -123,8 +144,10 @@ class CSM:
         return TokenizedSegment(self.tokenizer.encode(segment.text, segment.speaker), codes, segment.pinned)
 
     def speech(self, codes: np.ndarray) -> Speech:
-        """Speech for Mimi codes (32, frames), decoded in one pass."""
+        """Speech for Mimi codes (32, frames), decoded in one pass and watermarked as a whole."""
         audio = self.mimi.decode(codes) if codes.shape[1] else np.zeros(0, np.float32)
+        if self.watermarker is not None:
+            audio = self.watermarker.watermark(audio, self.watermark_key, self.sample_rate)
         return Speech(audio, self.sample_rate, codes)
 
     def conversation(self, context: Sequence[Segment] = ()) -> Conversation:
@@ -256,10 +279,29 @@ class CSM:
         are generated; arguments as for frames().
 
         Decoding is Mimi's streaming decoder: one state for the whole stream, reset when a
-        stream starts, so chunks join with no seam. One stream at a time per CSM object."""
+        stream starts, so chunks join with no seam. One stream at a time per CSM object.
+
+        With the watermark on, audio is marked in blocks of one message (0.975 s; see
+        watermark.StreamWatermarker): the first chunk comes once about 13 frames are generated
+        instead of chunk_frames, and chunks then come in bursts of about one block."""
         if chunk_frames < 1:
             raise ValueError(f"chunk_frames must be at least 1, got {chunk_frames}")
-        source = self.frames(text, speaker, context, **kwargs)
+        decoded = self._decode_stream(self.frames(text, speaker, context, **kwargs), chunk_frames)
+        if self.watermarker is None:
+            yield from decoded
+            return
+        marker = self.watermarker.stream(self.watermark_key, self.sample_rate)
+        size, ready = chunk_frames * FRAME_SAMPLES, np.zeros(0, np.float32)
+        for audio in decoded:
+            ready = np.concatenate([ready, marker.feed(audio)])
+            while len(ready) >= size:
+                yield ready[:size]
+                ready = ready[size:]
+        ready = np.concatenate([ready, marker.flush()])
+        for start in range(0, len(ready), size):
+            yield ready[start : start + size]
+
+    def _decode_stream(self, source: Iterator[np.ndarray], chunk_frames: int) -> Iterator[np.ndarray]:
         self.mimi.reset()
         pending = []
         for frame in source:

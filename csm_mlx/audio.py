@@ -18,8 +18,8 @@ class AudioError(ValueError):
     """An audio file that cannot be read or written; the message names it and says why."""
 
 
-def read_audio(path: os.PathLike) -> np.ndarray:
-    """The file's audio as 24 kHz mono float32, down-mixed and resampled (soxr, high quality)."""
+def read_audio(path: os.PathLike, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """The file's audio as mono float32 at sample_rate (24 kHz), down-mixed and resampled (soxr, high quality)."""
     if not Path(path).is_file():
         raise AudioError(f"audio file {path} does not exist")
     try:
@@ -29,8 +29,8 @@ def read_audio(path: os.PathLike) -> np.ndarray:
     if audio.shape[0] == 0:
         raise AudioError(f"audio file {path} holds no samples")
     mono = audio.mean(axis=1)
-    if rate != SAMPLE_RATE:
-        mono = soxr.resample(mono, rate, SAMPLE_RATE, quality="HQ")
+    if rate != sample_rate:
+        mono = soxr.resample(mono, rate, sample_rate, quality="HQ")
     return np.ascontiguousarray(mono, dtype=np.float32)
 
 
