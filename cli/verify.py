@@ -38,8 +38,8 @@ def run(args) -> int:
     status = 0
     for path in args.files:
         try:
-            key, confidence = watermarker.verify(read_audio(path, SAMPLE_RATE), SAMPLE_RATE, key=args.key,
-                                                 search=args.search)
+            audio = read_audio(path, max_seconds=None, sample_rate=SAMPLE_RATE)
+            key, confidence = watermarker.verify(audio, SAMPLE_RATE, key=args.key, search=args.search)
         except (AudioError, WatermarkError) as e:
             print(f"csm-mlx: error: {e}" if str(path) in str(e) else f"csm-mlx: error: {path}: {e}", file=sys.stderr)
             status = 2

@@ -15,11 +15,12 @@ import mlx.core as mx
 import numpy as np
 
 from . import hub
-from .audio import AudioError, read_audio
-from .checkpoint import load_model
+from .audio import check_context_audio, read_audio
+from .checkpoint import load_model, read_config
 from .codec import FRAME_SAMPLES, SAMPLE_RATE, Mimi
 from .conversation import Conversation, frame_cap
 from .frames import TokenizedSegment, generate_batch, stack_frames
+from .options import check_options, check_text, check_texts
 from .segment import Segment, Speech, check_speaker
 from .models import Model
 from .text import chunk_text
@@ -53,12 +54,16 @@ VOICES: Dict[str, str] = {
 }
 
 
+def _given_file(explicit: os.PathLike) -> Path:
+    path = Path(explicit).expanduser()
+    if not path.is_file():
+        raise hub.HubError(f"{path} {'is a directory: give the file' if path.is_dir() else 'does not exist'}")
+    return path
+
+
 def _local_or_hub(explicit: Optional[os.PathLike], beside_model: Path, repo: str, filename: str) -> Path:
     if explicit is not None:
-        path = Path(explicit).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} does not exist")
-        return path
+        return _given_file(explicit)
     if beside_model.is_file():
         return beside_model
     return hub.download(repo, [filename]) / filename
@@ -115,8 +120,13 @@ class CSM:
         AI-generated; its weights come from beside the model, else from the hub. watermark=False
         turns it off."""
         key = check_key(PUBLIC_KEY if watermark_key is None else watermark_key)
+        # the cheap checks first: given paths, then the config, before any download or allocation
+        for explicit in (tokenizer, mimi):
+            if explicit is not None:
+                _given_file(explicit)
         model_dir = hub.resolve_model(model)
-        # first: without its weights nothing may be generated, and they load in a moment
+        read_config(model_dir)
+        # without its weights nothing may be generated, and they load in a moment
         watermarker = Watermarker.load(find_watermark(model_dir)) if watermark else None
         tokenizer_path, mimi_path = find_tokenizer(model_dir, tokenizer), find_mimi(model_dir, mimi)
         csm_model, info = load_model(model_dir, dtype=None if dtype == "auto" else dtype)
@@ -135,12 +145,10 @@ class CSM:
 
     def tokenize(self, segment: Segment) -> TokenizedSegment:
         check_speaker(segment.speaker)
+        check_text(segment.text, "context text")
         codes = None
         if segment.audio is not None:
-            audio = np.asarray(segment.audio, dtype=np.float32)
-            if audio.ndim != 1 or audio.size == 0:
-                raise AudioError(f"context audio of speaker {segment.speaker} must be non-empty mono (samples,)")
-            codes = self.mimi.encode(audio)
+            codes = self.mimi.encode(check_context_audio(segment.audio, f"context audio of speaker {segment.speaker}"))
         return TokenizedSegment(self.tokenizer.encode(segment.text, segment.speaker), codes, segment.pinned)
 
     def speech(self, codes: np.ndarray) -> Speech:
@@ -191,7 +199,7 @@ class CSM:
 
         Generation reads the weights once per step for the whole batch, so n texts take
         little more time than one; greedy, each text gets the audio it gets alone."""
-        speaker = self._check_batch(texts, speaker)
+        texts, speaker, max_audio_length_ms, sampling = self._check_batch(texts, speaker, max_audio_length_ms, sampling)
         codes = self._batch_codes(Conversation(self, context), texts, speaker, max_audio_length_ms, sampling)
         return [self.speech(c) for c in codes]
 
@@ -215,9 +223,11 @@ class CSM:
         as generate does), and decoded as one stream: throughput for a shared voice prompt,
         at the cost of the cross-chunk continuity that generate keeps. Bad input fails here,
         not at the first line."""
-        speaker = self._check_batch(texts, speaker)
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        texts, speaker, max_audio_length_ms, sampling = self._check_batch(
+            texts, speaker, max_audio_length_ms, dict(sampling, seed=seed))
+        seed = sampling.pop("seed")
+        options = check_options(batch_size=batch_size, chunk_chars=chunk_chars)
+        batch_size, chunk_chars = options["batch_size"], options["chunk_chars"]
         items = [(n, chunk) for n, text in enumerate(texts)
                  for chunk in (chunk_text(text, chunk_chars) if chunk_chars else [text])]
         conversation = Conversation(self, context)
@@ -240,10 +250,12 @@ class CSM:
 
         return speak()
 
-    def _check_batch(self, texts: Sequence[str], speaker: int) -> int:
-        if not texts or any(not t or not t.strip() for t in texts):
-            raise ValueError("every text of a batch must be non-empty")
-        return check_speaker(speaker)
+    def _check_batch(self, texts: Sequence[str], speaker: int, max_audio_length_ms: Optional[float], sampling: dict):
+        """Checked texts, speaker, frame cap and sampling options of a batch call."""
+        if "stop_after_repeats" in sampling:
+            raise TypeError("stop_after_repeats is not supported for batches: use max_audio_length_ms")
+        options = check_options(speaker=speaker, max_audio_length_ms=max_audio_length_ms, **sampling)
+        return check_texts(texts), options.pop("speaker"), options.pop("max_audio_length_ms"), options
 
     def _batch_codes(self, conversation: Conversation, texts: Sequence[str], speaker: int,
                      max_audio_length_ms: Optional[float], sampling: dict) -> List[np.ndarray]:
@@ -284,14 +296,26 @@ class CSM:
         With the watermark on, audio is marked in blocks of one message (0.975 s; see
         watermark.StreamWatermarker): the first chunk comes once about 13 frames are generated
         instead of chunk_frames, and chunks then come in bursts of about one block."""
-        if chunk_frames < 1:
-            raise ValueError(f"chunk_frames must be at least 1, got {chunk_frames}")
-        decoded = self._decode_stream(self.frames(text, speaker, context, **kwargs), chunk_frames)
-        if self.watermarker is None:
-            yield from decoded
-            return
+        chunk_frames = check_options(chunk_frames=chunk_frames)["chunk_frames"]
+        source = self.frames(text, speaker, context, **kwargs)
+
+        def chunks():
+            pending = []
+            for frame in source:
+                pending.append(frame)
+                if len(pending) == chunk_frames:
+                    yield stack_frames(pending)
+                    pending = []
+            if pending:
+                yield stack_frames(pending)
+
+        decoded = self.mimi.decode_chunks(chunks())
+        return decoded if self.watermarker is None else self._marked(decoded, chunk_frames * FRAME_SAMPLES)
+
+    def _marked(self, decoded: Iterator[np.ndarray], size: int) -> Iterator[np.ndarray]:
+        """The stream's audio watermarked, in chunks of size samples (the last may be shorter)."""
         marker = self.watermarker.stream(self.watermark_key, self.sample_rate)
-        size, ready = chunk_frames * FRAME_SAMPLES, np.zeros(0, np.float32)
+        ready = np.zeros(0, np.float32)
         for audio in decoded:
             ready = np.concatenate([ready, marker.feed(audio)])
             while len(ready) >= size:
@@ -300,15 +324,3 @@ class CSM:
         ready = np.concatenate([ready, marker.flush()])
         for start in range(0, len(ready), size):
             yield ready[start : start + size]
-
-    def _decode_stream(self, source: Iterator[np.ndarray], chunk_frames: int) -> Iterator[np.ndarray]:
-        self.mimi.reset()
-        pending = []
-        for frame in source:
-            pending.append(frame)
-            if len(pending) == chunk_frames:
-                yield self.mimi.decode_step(np.stack(pending, axis=1))
-                pending.clear()
-        if pending:
-            yield self.mimi.decode_step(np.stack(pending, axis=1))
-
