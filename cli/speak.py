@@ -81,14 +81,16 @@ def speak(chunks, player: Optional[Player], writer: Optional[AudioWriter], progr
     samples, first_audio = 0, None
     try:
         for chunk in chunks:
-            if first_audio is None:
-                first_audio = time.perf_counter() - progress.start
-                logging.getLogger("csm_mlx").info("first audio after %.2f s", first_audio)
-            samples += len(chunk)
+            arrived = time.perf_counter() - progress.start
             if writer is not None:
                 writer.write(chunk)
             if player is not None:
                 player.feed(chunk)
+            # counted (and announced) once written: a signal before then must not claim the chunk
+            samples += len(chunk)
+            if first_audio is None:
+                first_audio = arrived
+                logging.getLogger("csm_mlx").info("first audio after %.2f s", first_audio)
             progress(samples // FRAME_SAMPLES)
         if player is not None:
             player.finish()
