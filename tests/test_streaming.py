@@ -52,8 +52,6 @@ PLAY_GENERATED = """
 import sys, numpy as np
 from csm_mlx import CSM
 from csm_mlx.player import Player
-
-from speech_fixtures import interruptible
 chunks = list(CSM.load(watermark=False).stream("Play me back.", 0, max_audio_length_ms=960, seed=0))
 np.save(sys.argv[1], np.concatenate(chunks))
 player = Player(expected_seconds=sum(map(len, chunks)) / 24000)
