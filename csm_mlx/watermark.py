@@ -211,19 +211,20 @@ def run_layers(layers: Sequence[GatedConv], x: mx.array) -> mx.array:
     chunks = [x[:, :, t : t + frames] for t in range(0, x.shape[2], frames)]
     mean = scale = shift = None
 
-    def normalized(i: int) -> mx.array:
+    def normalized(x: mx.array) -> mx.array:
         # centred first: x * scale + (bias - mean * scale) would cancel digits where |mean| >> std
-        return chunks[i] if scale is None else (chunks[i] - mean) * scale + shift
+        return x if scale is None else (x - mean) * scale + shift
 
     for layer in layers:
         halo = layer.kernel // 2
         out = []
-        for i in range(len(chunks)):
-            x = normalized(i)
+        for i, chunk in enumerate(chunks):
+            x = normalized(chunk)
             if halo:
                 edge = mx.zeros((*x.shape[:2], halo, x.shape[3]), x.dtype)
-                x = mx.concatenate([normalized(i - 1)[:, :, -halo:] if i else edge, x,
-                                    normalized(i + 1)[:, :, :halo] if i + 1 < len(chunks) else edge], axis=2)
+                before = normalized(chunks[i - 1][:, :, -halo:]) if i else edge
+                after = normalized(chunks[i + 1][:, :, :halo]) if i + 1 < len(chunks) else edge
+                x = mx.concatenate([before, x, after], axis=2)
             out.append(layer.gated(x))
             mx.eval(out[-1])
         count = sum(c.shape[1] * c.shape[2] for c in out)
@@ -232,7 +233,7 @@ def run_layers(layers: Sequence[GatedConv], x: mx.array) -> mx.array:
         scale, shift = layer.bn_weight * mx.rsqrt(var + BN_EPS), layer.bn_bias
         mx.eval(mean, scale)
         chunks = out
-    return mx.concatenate([normalized(i) for i in range(len(chunks))], axis=2)
+    return normalized(mx.concatenate(chunks, axis=2))
 
 
 def _tree_sum(x: mx.array, axis: int) -> mx.array:
