@@ -22,6 +22,7 @@ from csm_mlx.options import FRAME_MS, RULES, OptionError, check_options, check_t
 from csm_mlx.player import PlaybackError
 from csm_mlx.segment import Segment
 from csm_mlx.tokenizer import TokenizerError
+from csm_mlx.watermark import PUBLIC_KEY, WatermarkError, format_key, parse_key
 
 USER_ERRORS = (PlaybackError, ValueError, CheckpointError, hub.HubError, AudioError, CodecError, TokenizerError,
                ContextError, ScriptError)
@@ -125,6 +126,13 @@ def speaker_value(value: str):
     return non_negative_int(speaker), rest
 
 
+def watermark_key(value: str):
+    try:
+        return parse_key(value)
+    except WatermarkError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", default=hub.DEFAULT_MODEL, metavar="ID_OR_DIR",
@@ -133,6 +141,11 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mimi", metavar="PATH", help="path to Mimi weights (default: beside the model, else kyutai/moshiko-pytorch-bf16)")
     g.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
                    help="dtype of an unquantized model (default: auto, float32 on a CPU, as stored on a GPU)")
+    g = p.add_argument_group("watermark (SilentCipher, as the reference marks all CSM speech as AI-generated)")
+    g.add_argument("--watermark-key", type=watermark_key, default=PUBLIC_KEY, metavar="B,B,B,B,B",
+                   help=f"your own 5-byte key (default: the reference's public key {format_key(PUBLIC_KEY)})")
+    g.add_argument("--no-watermark", action="store_true",
+                   help="write unmarked audio (please keep it on: it lets anyone tell the speech is generated)")
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
@@ -193,7 +206,8 @@ def load(args) -> CSM:
     if args.verbose:
         logging.basicConfig(level=logging.INFO, format="csm-mlx: %(message)s")
     logging.getLogger("csm_mlx").info("loading %s", args.model)
-    csm = CSM.load(args.model, tokenizer=args.tokenizer, mimi=args.mimi, dtype=args.dtype)
+    csm = CSM.load(args.model, tokenizer=args.tokenizer, mimi=args.mimi, dtype=args.dtype,
+                   watermark=not args.no_watermark, watermark_key=args.watermark_key)
     logging.getLogger("csm_mlx").info("model from %s", csm.model_dir)
     return csm
 

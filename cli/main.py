@@ -1,8 +1,9 @@
 """`csm-mlx`: the command line. `csm-mlx TEXT` speaks; the other commands are subcommands.
 
-Exit codes: 0 done, 2 a user error (one line on stderr), 130 Ctrl-C, 143 SIGTERM. Both
-signals stop the same way at any moment: temporary files are removed and finished work
-(turns, lines, the audio generated so far) is kept as each command says.
+Exit codes: 0 done, 2 a user error (one line on stderr), 130 Ctrl-C, 143 SIGTERM (and for
+`verify`, 1: a file without the watermark). Both signals stop the same way at any moment:
+temporary files are removed and finished work (turns, lines, the audio generated so far) is
+kept as each command says.
 """
 
 import importlib
@@ -11,7 +12,7 @@ import sys
 from typing import Callable, List, Optional
 
 # subcommand -> module under cli/; anything else is text for `speak`
-COMMANDS = {"dialogue": "dialogue", "batch": "batch", "serve": "serve"}
+COMMANDS = {"dialogue": "dialogue", "batch": "batch", "serve": "serve", "verify": "verify"}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -46,7 +47,7 @@ def run(argv: List[str]) -> int:
     command = importlib.import_module(f".{COMMANDS[name] if name else 'speak'}", __package__)
     args = command.build_parser().parse_args(argv[1:] if name else argv)
     try:
-        command.run(args)
+        code = command.run(args)
     except CliError as e:
         print(f"csm-mlx: error: {e}", file=sys.stderr)
         return 2
@@ -56,7 +57,7 @@ def run(argv: List[str]) -> int:
             raise
         print(f"csm-mlx: error: {message}", file=sys.stderr)
         return 2
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

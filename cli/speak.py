@@ -26,6 +26,7 @@ EXAMPLES = """examples:
   csm-mlx "Hear it as it is generated." --play
   csm-mlx dialogue script.txt -o conversation.wav --voice 0=conversational_a --voice 1=conversational_b
   csm-mlx batch lines.txt --out-dir clips/ --voice conversational_a
+  csm-mlx verify hello.wav                  # the watermark all output carries (--no-watermark: none)
 
 Text longer than --chunk-chars is spoken sentence by sentence in one voice. A conversation file
 is a list of turns: [{"speaker": 0, "text": "...", "audio": "turn1.wav"}, ...] (JSON or YAML;
@@ -80,13 +81,13 @@ def speak(chunks, player: Optional[Player], writer: Optional[AudioWriter], progr
     samples, first_audio = 0, None
     try:
         for chunk in chunks:
-            if first_audio is None:
-                first_audio = time.perf_counter() - progress.start
+            arrived = time.perf_counter() - progress.start
             if writer is not None:
                 writer.write(chunk)
-            # counted once written, so an interrupt never closes a file it thinks holds more
+            # counted (and announced) once written: a signal before then must not claim the chunk
             samples += len(chunk)
-            if samples == len(chunk):
+            if first_audio is None:
+                first_audio = arrived
                 logging.getLogger("csm_mlx").info("first audio after %.2f s", first_audio)
             if player is not None:
                 player.feed(chunk)

@@ -7,9 +7,10 @@ from pathlib import Path
 from typing import Optional
 
 from csm_mlx.checkpoint import DTYPES, CheckpointError, check_quantization, load_model, quantize, save_model
-from csm_mlx.api import MIMI_FILE, TOKENIZER_FILE, find_mimi, find_tokenizer
+from csm_mlx.api import MIMI_FILE, TOKENIZER_FILE, WATERMARK_DIR, find_mimi, find_tokenizer, find_watermark
 from csm_mlx.cli.main import guarded
 from csm_mlx.hub import HubError, resolve_model
+from csm_mlx.watermark import CHECKPOINTS, WatermarkError, weights_dir
 
 
 def convert(
@@ -23,8 +24,8 @@ def convert(
 ) -> Path:
     """Convert hf_path (a directory or hub repo id) into a new MLX directory mlx_path.
 
-    bundle also copies the tokenizer, the Mimi weights and the voice prompts into it, so
-    that the directory alone serves an offline app."""
+    bundle also copies the tokenizer, the Mimi weights, the voice prompts and the watermark's
+    weights into it, so that the directory alone serves an offline app."""
     mlx_path = Path(mlx_path)
     if mlx_path.exists() and (not mlx_path.is_dir() or any(mlx_path.iterdir())):
         raise CheckpointError(f"{mlx_path} already exists: choose a new --mlx-path or remove it first")
@@ -41,6 +42,9 @@ def convert(
         extra_files[TOKENIZER_FILE] = find_tokenizer(source)
         extra_files[MIMI_FILE] = find_mimi(source)
         extra_files.update({f"prompts/{p.name}": p for p in sorted(source.glob("prompts/*.wav"))})
+        watermark = weights_dir(find_watermark(source))
+        extra_files.update({f"{WATERMARK_DIR}/{name}": watermark / name for name in (*CHECKPOINTS.values(), "hparams.yaml")
+                            if (watermark / name).is_file()})
     model, _ = load_model(source, dtype=dtype)
     quantization = None
     if quantize_weights:
@@ -62,7 +66,8 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument("--q-bits", type=int, default=4, help="bits per weight when quantizing: 4 or 8 (default: 4)")
     parser.add_argument("--q-group-size", type=int, default=64, help="quantization group size (default: 64)")
     parser.add_argument("--bundle", action="store_true",
-                        help="also copy the tokenizer, Mimi weights and voice prompts: a self-contained directory")
+                        help="also copy the tokenizer, Mimi and watermark weights and voice prompts: a self-contained "
+                             "directory")
     args = parser.parse_args(argv)
     return guarded("csm-mlx-convert", lambda: _run(args))
 
@@ -71,7 +76,7 @@ def _run(args) -> int:
     try:
         out = convert(args.hf_path, args.mlx_path, args.dtype, args.quantize, args.q_bits, args.q_group_size,
                       args.bundle)
-    except (CheckpointError, HubError) as e:
+    except (CheckpointError, HubError, WatermarkError) as e:
         print(f"csm-mlx-convert: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:

@@ -17,7 +17,7 @@ import numpy as np
 from . import hub
 from .audio import check_context_audio, read_audio
 from .checkpoint import load_model, read_config
-from .codec import SAMPLE_RATE, Mimi
+from .codec import FRAME_SAMPLES, SAMPLE_RATE, Mimi
 from .conversation import Conversation, frame_cap
 from .engine import Engine
 from .frames import TokenizedSegment, generate_batch, stack_frames
@@ -26,11 +26,13 @@ from .segment import Segment, Speech, check_speaker
 from .models import Model
 from .text import chunk_text
 from .tokenizer import TextTokenizer
+from .watermark import PUBLIC_KEY, Watermarker, check_key
 
 MIMI_REPO = "kyutai/moshiko-pytorch-bf16"
 MIMI_FILE = "tokenizer-e351c8d8-checkpoint125.safetensors"
 TOKENIZER_REPO = "unsloth/Llama-3.2-1B"  # an ungated copy of the Llama-3.2 tokenizer
 TOKENIZER_FILE = "tokenizer.json"
+WATERMARK_DIR = "silentcipher"  # a bundled copy of SilentCipher's weights, beside the model
 
 # The voice prompts of the sesame/csm-1b repo (prompts/NAME.wav) and the reference demo's transcripts.
 VOICES: Dict[str, str] = {
@@ -94,14 +96,23 @@ def find_mimi(model_dir: Path, explicit: Optional[os.PathLike] = None) -> Path:
     return _local_or_hub(explicit, model_dir / MIMI_FILE, MIMI_REPO, MIMI_FILE)
 
 
+def find_watermark(model_dir: Path) -> Optional[Path]:
+    """The SilentCipher weights bundled beside the model, if any (else the hub's are used)."""
+    bundled = model_dir / WATERMARK_DIR
+    return bundled if bundled.is_dir() else None
+
+
 class CSM:
     sample_rate = SAMPLE_RATE
 
-    def __init__(self, model: Model, tokenizer: TextTokenizer, mimi: Mimi, model_dir: Optional[Path] = None):
+    def __init__(self, model: Model, tokenizer: TextTokenizer, mimi: Mimi, model_dir: Optional[Path] = None,
+                 watermarker: Optional[Watermarker] = None, watermark_key: Sequence[int] = PUBLIC_KEY):
         self.model = model
         self.tokenizer = tokenizer
         self.mimi = mimi
         self.model_dir = model_dir
+        self.watermarker = watermarker  # None: speech comes out unmarked
+        self.watermark_key = check_key(watermark_key)
 
     @classmethod
     def load(
@@ -111,24 +122,34 @@ class CSM:
         tokenizer: Optional[os.PathLike] = None,
         mimi: Optional[os.PathLike] = None,
         dtype: Optional[str] = "auto",
+        watermark: bool = True,
+        watermark_key: Optional[Sequence[int]] = None,
     ) -> "CSM":
         """Load a model (hub id, or a directory in original, transformers or MLX format).
 
         The tokenizer and Mimi weights come from the given paths, else from beside the
         model (a self-contained converted directory), else from the hub. dtype "auto" runs an
         unquantized model in float32 on the CPU backend, whose bfloat16/float16 products have
-        no fast kernels (4-5x slower here), and as stored on a GPU; None keeps it as stored."""
+        no fast kernels (4-5x slower here), and as stored on a GPU; None keeps it as stored.
+
+        Like the reference, all speech is watermarked (SilentCipher, with the reference's public
+        key unless watermark_key gives your own 5 bytes), so that it can be identified as
+        AI-generated; its weights come from beside the model, else from the hub. watermark=False
+        turns it off."""
+        key = check_key(PUBLIC_KEY if watermark_key is None else watermark_key)
         # the cheap checks first: given paths, then the config, before any download or allocation
         for explicit in (tokenizer, mimi):
             if explicit is not None:
                 _given_file(explicit)
         model_dir = hub.resolve_model(model)
         read_config(model_dir)
+        # without its weights nothing may be generated, and they load in a moment
+        watermarker = Watermarker.load(find_watermark(model_dir)) if watermark else None
         tokenizer_path, mimi_path = find_tokenizer(model_dir, tokenizer), find_mimi(model_dir, mimi)
         csm_model, info = load_model(model_dir, dtype=None if dtype == "auto" else dtype)
         if dtype == "auto" and info["quantization"] is None and mx.default_device().type == mx.cpu:
             csm_model.set_dtype(mx.float32)
-        return cls(csm_model, TextTokenizer(tokenizer_path), Mimi(mimi_path), model_dir)
+        return cls(csm_model, TextTokenizer(tokenizer_path), Mimi(mimi_path), model_dir, watermarker, key)
 
     def voice(self, name: str, speaker: int = 0) -> Segment:
         """A voice preset of the reference demo: a pinned context segment for speaker."""
@@ -148,8 +169,10 @@ class CSM:
         return TokenizedSegment(self.tokenizer.encode(segment.text, segment.speaker), codes, segment.pinned)
 
     def speech(self, codes: np.ndarray) -> Speech:
-        """Speech for Mimi codes (32, frames), decoded in one pass."""
+        """Speech for Mimi codes (32, frames), decoded in one pass and watermarked as a whole."""
         audio = self.mimi.decode(codes) if codes.shape[1] else np.zeros(0, np.float32)
+        if self.watermarker is not None:
+            audio = self.watermarker.watermark(audio, self.watermark_key, self.sample_rate)
         return Speech(audio, self.sample_rate, codes)
 
     def engine(self, max_batch: int = 8, **kwargs) -> Engine:
@@ -290,7 +313,11 @@ class CSM:
         are generated; arguments as for frames().
 
         Decoding is Mimi's streaming decoder: one state for the whole stream, reset when a
-        stream starts, so chunks join with no seam. One stream at a time per CSM object."""
+        stream starts, so chunks join with no seam. One stream at a time per CSM object.
+
+        With the watermark on, audio is marked in blocks of one message (0.975 s; see
+        watermark.StreamWatermarker): the first chunk comes once about 13 frames are generated
+        instead of chunk_frames, and chunks then come in bursts of about one block."""
         chunk_frames = check_options(chunk_frames=chunk_frames)["chunk_frames"]
         source = self.frames(text, speaker, context, **kwargs)
 
@@ -304,4 +331,18 @@ class CSM:
             if pending:
                 yield stack_frames(pending)
 
-        return self.mimi.decode_chunks(chunks())
+        decoded = self.mimi.decode_chunks(chunks())
+        return decoded if self.watermarker is None else self._marked(decoded, chunk_frames * FRAME_SAMPLES)
+
+    def _marked(self, decoded: Iterator[np.ndarray], size: int) -> Iterator[np.ndarray]:
+        """The stream's audio watermarked, in chunks of size samples (the last may be shorter)."""
+        marker = self.watermarker.stream(self.watermark_key, self.sample_rate)
+        ready = np.zeros(0, np.float32)
+        for audio in decoded:
+            ready = np.concatenate([ready, marker.feed(audio)])
+            while len(ready) >= size:
+                yield ready[:size]
+                ready = ready[size:]
+        ready = np.concatenate([ready, marker.flush()])
+        for start in range(0, len(ready), size):
+            yield ready[start : start + size]

@@ -32,8 +32,9 @@ def _check_readable(path: Path, what: str) -> None:
         raise AudioError(f"cannot read {what} {path}: permission denied")
 
 
-def read_audio(path: os.PathLike, max_seconds: Optional[float] = MAX_CONTEXT_SECONDS) -> np.ndarray:
-    """The file's audio as 24 kHz mono float32, down-mixed and resampled (soxr, high quality).
+def read_audio(path: os.PathLike, max_seconds: Optional[float] = MAX_CONTEXT_SECONDS,
+               sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """The file's audio as mono float32 at sample_rate (24 kHz), down-mixed and resampled (soxr, high quality).
 
     A clip longer than max_seconds is refused from its header, before its samples are read."""
     path = Path(path)
@@ -64,8 +65,8 @@ def _decode(source, name: str, max_seconds: Optional[float]) -> np.ndarray:
     if not np.isfinite(audio).all():
         raise AudioError(f"{name} holds NaN or infinite samples: it is corrupt")
     mono = audio.mean(axis=1)
-    if rate != SAMPLE_RATE:
-        mono = soxr.resample(mono, rate, SAMPLE_RATE, quality="HQ")
+    if rate != sample_rate:
+        mono = soxr.resample(mono, rate, sample_rate, quality="HQ")
     return np.ascontiguousarray(mono, dtype=np.float32)
 
 

@@ -23,7 +23,9 @@ from csm_fixtures import (
     transformers_reference,
     write_original,
 )
+from csm_mlx.watermark import HUB_FOLDER, HUB_REPO
 from speech_fixtures import add_to_hub_cache, make_mimi, make_tokenizer, write_voice
+from watermark_fixtures import write_silentcipher
 
 torch.set_num_threads(2)
 hf_logging.set_verbosity_error()
@@ -68,9 +70,16 @@ def mimi_path(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def hub_cache(transformers_dir, tokenizer_path, mimi_path, tmp_path_factory):
+def silentcipher_dir(tmp_path_factory):
+    """Random SilentCipher weights (44.1 kHz model) in the hub's layout."""
+    return write_silentcipher(tmp_path_factory.mktemp("silentcipher"))
+
+
+@pytest.fixture(scope="session")
+def hub_cache(transformers_dir, tokenizer_path, mimi_path, silentcipher_dir, tmp_path_factory):
     """The default repos in the local hub cache: sesame/csm-1b as the hub serves it
-    (transformers format, tokenizer.json, voice prompts) and Mimi from kyutai."""
+    (transformers format, tokenizer.json, voice prompts), Mimi from kyutai and the watermark's
+    weights from Sony/SilentCipher."""
     voices = tmp_path_factory.mktemp("voices")
     add_to_hub_cache(HUB_CACHE, "sesame/csm-1b", {
         "config.json": transformers_dir / "config.json",
@@ -81,4 +90,5 @@ def hub_cache(transformers_dir, tokenizer_path, mimi_path, tmp_path_factory):
         **{f"prompts/read_speech_{x}.wav": write_voice(voices / f"read_{x}.wav", seed=3 + n) for n, x in enumerate("abcd")},
     })
     add_to_hub_cache(HUB_CACHE, "kyutai/moshiko-pytorch-bf16", {mimi_path.name: mimi_path})
+    add_to_hub_cache(HUB_CACHE, HUB_REPO, {f"{HUB_FOLDER}/{p.name}": p for p in silentcipher_dir.iterdir()})
     return HUB_CACHE

@@ -26,7 +26,7 @@ SHORT = dict(max_audio_length_ms=5 * 80, temperature=0)
 
 @pytest.fixture(scope="module")
 def csm(hub_cache):
-    return CSM.load()
+    return CSM.load(watermark=False)
 
 
 def reference_layout(tokenizer, turns, codes, next_turn):
@@ -161,14 +161,14 @@ def test_frame_cap_stops_a_model_that_never_ends(csm):
 
 
 def test_end_of_speech_comes_before_the_cap(original_dir, tokenizer_path, mimi_path):
-    silent = CSM.load(str(original_dir), tokenizer=tokenizer_path, mimi=mimi_path)
+    silent = CSM.load(str(original_dir), tokenizer=tokenizer_path, mimi=mimi_path, watermark=False)
     for head in [silent.model.codebook0_head, *silent.model.audio_head]:
         head.weight = head.weight * 0  # every logit equal: greedy picks code 0 in every codebook
     assert silent.generate("Hello there, friend.", 0, temperature=0).codes.shape[1] == 0
 
 
 def test_stop_after_repeated_frames(original_dir, tokenizer_path, mimi_path):
-    stuck = CSM.load(str(original_dir), tokenizer=tokenizer_path, mimi=mimi_path)
+    stuck = CSM.load(str(original_dir), tokenizer=tokenizer_path, mimi=mimi_path, watermark=False)
     stuck.model.codebook0_head.weight = stuck.model.codebook0_head.weight * 0  # codebook 0 always 0
     codes = stuck.generate("Hello there, friend.", 0, temperature=0, stop_after_repeats=4).codes
     assert codes.shape[1] == 3 and (codes[0] == 0).all() and codes[1:].any()
@@ -207,7 +207,7 @@ def test_interrupted_dialogue_keeps_finished_turns(hub_cache, tmp_path):
     out = tmp_path / "dialogue.wav"
     env = {**os.environ, "HF_HUB_CACHE": str(hub_cache), "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen([CLI, "dialogue", str(tmp_path / "script.txt"), "-o", str(out), "--turns-dir",
-                             str(tmp_path / "turns"), "--max-audio-length-ms", "400"],
+                             str(tmp_path / "turns"), "--max-audio-length-ms", "400", "--no-watermark"],
                             stderr=subprocess.PIPE, text=True, env=env, preexec_fn=interruptible)
     for line in proc.stderr:
         if line.startswith("turn 2/3"):

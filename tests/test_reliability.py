@@ -36,7 +36,7 @@ SHORT = ["--max-audio-length-ms", "400"]
 
 @pytest.fixture(scope="module")
 def csm(hub_cache):
-    return CSM.load()
+    return CSM.load(watermark=False)  # test_watermark.py tests the mark
 
 
 @pytest.fixture
@@ -354,7 +354,7 @@ API_CASES = [
 FRESH = """
 import sys, numpy as np
 from csm_mlx import CSM
-csm = CSM.load()
+csm = CSM.load(watermark=False)
 greedy = csm.generate("Hello there.", max_audio_length_ms=480, temperature=0).codes
 seeded = csm.generate("Hello there.", max_audio_length_ms=480, seed=7).codes
 np.save(sys.argv[1], np.stack([greedy, seeded]))

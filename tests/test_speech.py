@@ -22,12 +22,12 @@ from csm_mlx.tokenizer import TextTokenizer
 
 CLI = str(Path(sys.executable).parent / "csm-mlx")
 FRAMES = 6
-SHORT = ["--max-audio-length-ms", str(FRAMES * 80)]
+SHORT = ["--max-audio-length-ms", str(FRAMES * 80), "--no-watermark"]  # test_watermark.py tests the mark
 
 
 @pytest.fixture(scope="module")
 def csm(hub_cache):
-    return CSM.load()
+    return CSM.load(watermark=False)
 
 
 def rustymimi_decode(mimi_path, codes):
@@ -189,7 +189,7 @@ def test_unwritable_output_is_refused_before_loading(tmp_path, capsys):
 
 def test_missing_tokenizer_repo_offline(tmp_path, transformers_dir, mimi_path):
     with pytest.raises(HubError, match="unsloth/Llama-3.2-1B is not in the local hub cache"):
-        CSM.load(str(transformers_dir), mimi=mimi_path)
+        CSM.load(str(transformers_dir), mimi=mimi_path, watermark=False)
 
 
 def test_bundled_mlx_directory_works_offline_without_the_hub(hub_cache, tmp_path):
@@ -199,13 +199,15 @@ def test_bundled_mlx_directory_works_offline_without_the_hub(hub_cache, tmp_path
 
     model_dir = convert("sesame/csm-1b", tmp_path / "csm-8bit", quantize_weights=True, q_bits=8, bundle=True)
     assert {p.name for p in model_dir.iterdir()} >= {"config.json", "model.safetensors", "tokenizer.json",
-                                                      "tokenizer-e351c8d8-checkpoint125.safetensors", "prompts"}
+                                                      "tokenizer-e351c8d8-checkpoint125.safetensors", "prompts",
+                                                      "silentcipher"}
     empty_cache = tmp_path / "empty-hub"
     empty_cache.mkdir()
     env = {**os.environ, "HF_HUB_CACHE": str(empty_cache), "HF_HUB_OFFLINE": "1"}
     out = tmp_path / "out.wav"
     result = subprocess.run([CLI, "Offline.", "--model", str(model_dir), "--voice", "conversational_a", "-o", str(out),
-                             "--seed", "0", *SHORT], capture_output=True, text=True, env=env)
+                             "--seed", "0", "--max-audio-length-ms", str(FRAMES * 80)],  # watermarked, from the bundle
+                            capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr
     assert sf.info(out).frames == FRAMES * 1920
 
@@ -216,13 +218,13 @@ def test_auto_dtype_runs_float32_on_the_cpu(tmp_path, original_dir, tokenizer_pa
     from csm_mlx.convert import convert
 
     bf16 = convert(str(original_dir), tmp_path / "bf16", dtype="bfloat16")
-    auto = CSM.load(str(bf16), tokenizer=tokenizer_path, mimi=mimi_path)
-    stored = CSM.load(str(bf16), tokenizer=tokenizer_path, mimi=mimi_path, dtype=None)
+    auto = CSM.load(str(bf16), tokenizer=tokenizer_path, mimi=mimi_path, watermark=False)
+    stored = CSM.load(str(bf16), tokenizer=tokenizer_path, mimi=mimi_path, dtype=None, watermark=False)
     assert mx.default_device().type == mx.cpu
     assert auto.model.codebook0_head.weight.dtype == mx.float32
     assert stored.model.codebook0_head.weight.dtype == mx.bfloat16
     q8 = CSM.load(str(convert(str(original_dir), tmp_path / "q8", dtype="bfloat16", quantize_weights=True, q_bits=8)),
-                  tokenizer=tokenizer_path, mimi=mimi_path)
+                  tokenizer=tokenizer_path, mimi=mimi_path, watermark=False)
     assert q8.model.codebook0_head.scales.dtype == mx.bfloat16  # quantized models stay as converted
 
 

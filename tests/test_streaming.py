@@ -24,7 +24,7 @@ FRAMES = 12
 
 @pytest.fixture(scope="module")
 def csm(hub_cache):
-    return CSM.load()
+    return CSM.load(watermark=False)
 
 
 @pytest.mark.parametrize("chunk_frames", [1, 3, 10])
@@ -53,7 +53,7 @@ import sys, numpy as np
 from csm_mlx import CSM
 from csm_mlx.player import Player
 
-chunks = list(CSM.load().stream("Play me back.", 0, max_audio_length_ms=960, seed=0))
+chunks = list(CSM.load(watermark=False).stream("Play me back.", 0, max_audio_length_ms=960, seed=0))
 np.save(sys.argv[1], np.concatenate(chunks))
 player = Player(expected_seconds=sum(map(len, chunks)) / 24000)
 for chunk in chunks:  # faster than real time: the whole stream is ready
@@ -136,19 +136,26 @@ def test_starting_at_once_with_a_slow_producer_underruns():
     assert play_slow_producer(expected_seconds=None).underruns > 0
 
 
-def test_cli_play_reports_first_audio_and_underruns(hub_cache, tmp_path):
+def test_cli_play_writes_what_it_played(hub_cache, tmp_path):
+    """Watermarked (the default), played in blocks: -o holds exactly the samples played."""
     out = tmp_path / "out.wav"
     result = subprocess.run([CLI, "Hello", "--play", "-o", str(out), "--stream-chunk-frames", "3",
                              "--max-audio-length-ms", "480", "--seed", "1"],
-                            capture_output=True, text=True, env=alsa_env(tmp_path, capture=False), timeout=120)
+                            capture_output=True, text=True, env=alsa_env(tmp_path, capture=True), timeout=120)
     assert result.returncode == 0, result.stderr
     assert "first audio after" in result.stderr and "underruns" in result.stderr
-    assert sf.info(out).frames == 6 * 1920
+    written, _ = sf.read(out, dtype="float32")
+    assert len(written) == 6 * 1920
+    played = np.fromfile(tmp_path / "played.raw", dtype=np.float32)
+    start = np.flatnonzero(played)[0] - np.flatnonzero(written)[0]
+    np.testing.assert_array_equal(played[start : start + len(written)], written)
+    assert not played[:start].any() and not played[start + len(written) :].any()
 
 
 def test_ctrl_c_during_playback_keeps_what_was_generated(hub_cache, tmp_path):
     out = tmp_path / "partial.wav"
-    proc = subprocess.Popen([CLI, "Hello", "--play", "-o", str(out), "-v", "--max-audio-length-ms", "150000"],
+    proc = subprocess.Popen([CLI, "Hello", "--play", "-o", str(out), "-v", "--max-audio-length-ms", "150000",
+                             "--no-watermark"],
                             stderr=subprocess.PIPE, text=True, env=alsa_env(tmp_path, capture=False),
                             preexec_fn=interruptible)
     for line in proc.stderr:
