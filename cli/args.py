@@ -53,7 +53,7 @@ def speaker_value(value: str):
     return non_negative_int(speaker), rest
 
 
-def add_model_arguments(p: argparse.ArgumentParser) -> None:
+def add_model_arguments(p: argparse.ArgumentParser, adapter: bool = True) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", default=hub.DEFAULT_MODEL, metavar="ID_OR_DIR",
                    help=f"hub id or directory: original, transformers or converted MLX (default: {hub.DEFAULT_MODEL})")
@@ -61,6 +61,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mimi", metavar="PATH", help="path to Mimi weights (default: beside the model, else kyutai/moshiko-pytorch-bf16)")
     g.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
                    help="dtype of an unquantized model (default: auto, float32 on a CPU, as stored on a GPU)")
+    if adapter:
+        g.add_argument("--adapter-path", metavar="DIR", help="apply the adapter that `csm-mlx finetune` wrote to DIR")
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
@@ -115,7 +117,7 @@ def load(args) -> CSM:
     if args.verbose:
         logging.basicConfig(level=logging.INFO, format="csm-mlx: %(message)s")
     logging.getLogger("csm_mlx").info("loading %s", args.model)
-    csm = CSM.load(args.model, tokenizer=args.tokenizer, mimi=args.mimi, dtype=args.dtype)
+    csm = CSM.load(args.model, tokenizer=args.tokenizer, mimi=args.mimi, dtype=args.dtype, adapter_path=args.adapter_path)
     logging.getLogger("csm_mlx").info("model from %s", csm.model_dir)
     return csm
 

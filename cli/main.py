@@ -1,12 +1,13 @@
-"""`csm-mlx`: the command line. `csm-mlx TEXT` speaks; `dialogue` and `batch` are subcommands."""
+"""`csm-mlx`: the command line. `csm-mlx TEXT` speaks; `dialogue`, `batch` and `finetune` are subcommands."""
 
 import sys
 from typing import List, Optional
 
-from . import batch, dialogue, speak
+from . import batch, dialogue, finetune, speak
 from .args import USER_ERRORS, CliError
 
-COMMANDS = {"dialogue": (dialogue.build_parser, dialogue.run), "batch": (batch.build_parser, batch.run)}
+COMMANDS = {"dialogue": (dialogue.build_parser, dialogue.run), "batch": (batch.build_parser, batch.run),
+            "finetune": (finetune.build_parser, finetune.run)}
 
 
 def main(argv: Optional[List[str]] = None) -> int:

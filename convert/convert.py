@@ -7,6 +7,7 @@ from typing import Optional
 
 from csm_mlx.checkpoint import DTYPES, CheckpointError, load_model, quantize, save_model
 from csm_mlx.api import MIMI_FILE, TOKENIZER_FILE, find_mimi, find_tokenizer
+from csm_mlx.finetune.adapters import AdapterError, fuse, load_adapters
 from csm_mlx.hub import HubError, resolve_model
 
 
@@ -18,11 +19,13 @@ def convert(
     q_bits: int = 4,
     q_group_size: int = 64,
     bundle: bool = False,
+    adapter_path: Optional[str] = None,
 ) -> Path:
     """Convert hf_path (a directory or hub repo id) into a new MLX directory mlx_path.
 
     bundle also copies the tokenizer, the Mimi weights and the voice prompts into it, so
-    that the directory alone serves an offline app."""
+    that the directory alone serves an offline app. adapter_path (a `csm-mlx finetune`
+    output) is fused into the weights first."""
     mlx_path = Path(mlx_path)
     if mlx_path.exists() and (not mlx_path.is_dir() or any(mlx_path.iterdir())):
         raise CheckpointError(f"{mlx_path} already exists: choose a new --mlx-path or remove it first")
@@ -32,7 +35,13 @@ def convert(
         extra_files[TOKENIZER_FILE] = find_tokenizer(source)
         extra_files[MIMI_FILE] = find_mimi(source)
         extra_files.update({f"prompts/{p.name}": p for p in sorted(source.glob("prompts/*.wav"))})
-    model, _ = load_model(source, dtype=dtype)
+    if adapter_path is None:
+        model, _ = load_model(source, dtype=dtype)
+    else:
+        # fused in float32, so that the sum is rounded to dtype once
+        model, _ = load_model(source, dtype="float32")
+        fuse(load_adapters(model, adapter_path))
+        model.set_dtype(DTYPES[dtype])
     quantization = None
     if quantize_weights:
         quantize(model, q_bits, q_group_size)
@@ -54,11 +63,13 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument("--q-group-size", type=int, default=64, help="quantization group size (default: 64)")
     parser.add_argument("--bundle", action="store_true",
                         help="also copy the tokenizer, Mimi weights and voice prompts: a self-contained directory")
+    parser.add_argument("--adapter-path", metavar="DIR",
+                        help="fuse the adapter that `csm-mlx finetune` wrote to DIR into the converted model")
     args = parser.parse_args(argv)
     try:
         out = convert(args.hf_path, args.mlx_path, args.dtype, args.quantize, args.q_bits, args.q_group_size,
-                      args.bundle)
-    except (CheckpointError, HubError, FileNotFoundError) as e:
+                      args.bundle, args.adapter_path)
+    except (CheckpointError, HubError, FileNotFoundError, AdapterError) as e:
         print(f"csm-mlx-convert: error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {out}")

@@ -19,6 +19,7 @@ from .audio import AudioError, read_audio
 from .checkpoint import load_model
 from .codec import SAMPLE_RATE, Mimi
 from .conversation import Conversation, frame_cap
+from .finetune.adapters import load_adapters
 from .frames import TokenizedSegment, generate_batch, stack_frames
 from .segment import Segment, Speech, check_speaker
 from .models import Model
@@ -89,18 +90,22 @@ class CSM:
         tokenizer: Optional[os.PathLike] = None,
         mimi: Optional[os.PathLike] = None,
         dtype: Optional[str] = "auto",
+        adapter_path: Optional[os.PathLike] = None,
     ) -> "CSM":
         """Load a model (hub id, or a directory in original, transformers or MLX format).
 
         The tokenizer and Mimi weights come from the given paths, else from beside the
         model (a self-contained converted directory), else from the hub. dtype "auto" runs an
         unquantized model in float32 on the CPU backend, whose bfloat16/float16 products have
-        no fast kernels (4-5x slower here), and as stored on a GPU; None keeps it as stored."""
+        no fast kernels (4-5x slower here), and as stored on a GPU; None keeps it as stored.
+        adapter_path: a directory `csm-mlx finetune` wrote, applied to the model."""
         model_dir = hub.resolve_model(model)
         tokenizer_path, mimi_path = find_tokenizer(model_dir, tokenizer), find_mimi(model_dir, mimi)
         csm_model, info = load_model(model_dir, dtype=None if dtype == "auto" else dtype)
         if dtype == "auto" and info["quantization"] is None and mx.default_device().type == mx.cpu:
             csm_model.set_dtype(mx.float32)
+        if adapter_path is not None:
+            load_adapters(csm_model, adapter_path)
         return cls(csm_model, TextTokenizer(tokenizer_path), Mimi(mimi_path), model_dir)
 
     def voice(self, name: str, speaker: int = 0) -> Segment:
