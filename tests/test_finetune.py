@@ -285,3 +285,24 @@ def test_adapter_for_another_model_is_a_one_line_error(original_dir, tmp_path, t
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "was made for another model" in err[0] and "192" in err[0]
     assert not out.exists()
+
+
+def test_grad_checkpoint_trains_the_same(original_dir, tmp_path):
+    """Recomputing the blocks in the backward pass changes memory, not the result; the patch
+    mlx-lm's checkpointing puts on the block class is undone after training."""
+    from mlx_lm.models import llama
+
+    block_call = llama.TransformerBlock.__call__
+    trained = []
+    for checkpoint in (False, True):
+        mx.random.seed(0)
+        model = load_model(original_dir)[0]
+        prepare_model(model, "lora", -1, {"rank": 4, "scale": 1.0})
+        train(model, optim.Adam(learning_rate=1e-3), tiny_examples(), None,
+              TrainingArgs(batch_size=2, iters=3, grad_checkpoint=checkpoint, adapter_file=str(tmp_path / ADAPTER_FILE)),
+              seed=0)
+        trained.append(dict(tree_flatten(model.trainable_parameters())))
+    assert llama.TransformerBlock.__call__ is block_call
+    for k, v in trained[0].items():
+        np.testing.assert_allclose(np.array(trained[1][k]), np.array(v), atol=1e-6, err_msg=k)
+    assert np.abs(np.array(trained[0]["backbone.layers.1.mlp.down_proj.lora_b"])).max() > 0
