@@ -30,8 +30,9 @@ from mlx.utils import tree_flatten
 
 from csm_mlx.checkpoint import DTYPES, quantize
 from csm_mlx.codec import Mimi
-from csm_mlx.frames import FRAME_MS, frame_decoder, generate_batch_frames, generate_frames, make_frame_sampler, prefill
+from csm_mlx.frames import frame_decoder, generate_batch_frames, generate_frames, make_frame_sampler, prefill
 from csm_mlx.models import Model, ModelArgs, TransformerArgs
+from csm_mlx.options import FRAME_MS
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
 from speech_fixtures import make_mimi  # noqa: E402  (random Mimi weights in the real layout)

@@ -2,32 +2,104 @@
 
 import argparse
 import logging
+import os
 import sys
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import Iterable, List, Optional
 
 import mlx.core as mx
 import numpy as np
 
 from csm_mlx import hub
 from csm_mlx.api import CSM, VOICES
-from csm_mlx.audio import AudioError, read_audio, write_audio
+from csm_mlx.audio import AudioError, AudioWriter, check_output_path, read_audio, write_audio
 from csm_mlx.checkpoint import DTYPES, CheckpointError
 from csm_mlx.codec import SAMPLE_RATE, CodecError
 from csm_mlx.context import ContextError
-from csm_mlx.conversation import ScriptError, join_turns, read_script
-from csm_mlx.frames import FRAME_MS
+from csm_mlx.conversation import ScriptError, fade_ends, read_script
+from csm_mlx.options import FRAME_MS, RULES, OptionError, check_options, check_text
 from csm_mlx.player import PlaybackError
 from csm_mlx.segment import Segment
 from csm_mlx.tokenizer import TokenizerError
 
 USER_ERRORS = (PlaybackError, ValueError, CheckpointError, hub.HubError, AudioError, CodecError, TokenizerError,
-               FileNotFoundError, ContextError, ScriptError)
+               ContextError, ScriptError)
+# options whose flag is not the option's own name
+FLAGS = {"chunk_frames": "--stream-chunk-frames"}
 
 
 class CliError(Exception):
     pass
+
+
+def user_error_message(e: Exception) -> Optional[str]:
+    """The one-line message for an error the user can fix, in the CLI's terms; None for a bug."""
+    if isinstance(e, OptionError):
+        if e.param not in RULES:  # not a flag: the text, say
+            return str(e)
+        return f"{FLAGS.get(e.param, '--' + e.param.replace('_', '-'))} {e.problem}"
+    if isinstance(e, USER_ERRORS):
+        return str(e)
+    if isinstance(e, OSError):  # the file system said no: name the file and its reason
+        if not e.strerror:
+            return str(e)
+        return f"{e.strerror.lower()}" + (f": {e.filename}" if e.filename else "")
+    if isinstance(e, MemoryError):
+        return "out of memory: use a quantized model, a shorter text or context, or a smaller --batch-size"
+    return None
+
+
+def checked_options(args, **extra) -> dict:
+    """The command's sampling and stopping options (and extra ones), checked before any work."""
+    return check_options(**sampling_options(args), chunk_chars=args.chunk_chars, **extra)
+
+
+def read_text(text: Optional[str]) -> str:
+    """The text to speak: the argument, else standard input; must be UTF-8."""
+    if text is None:
+        try:
+            text = sys.stdin.read()
+            text.encode("utf-8")  # undecodable bytes arrive as lone surrogates where Python escapes them
+        except (UnicodeDecodeError, UnicodeEncodeError):
+            raise CliError("standard input is not UTF-8 text: convert it, e.g. with iconv -t UTF-8") from None
+    if not text.strip():
+        raise CliError("text is empty: give the words to speak as an argument or on standard input")
+    return check_text(text)
+
+
+class OutDir:
+    """A directory for one file per turn or line, checked up front and created with its first file,
+    so a run that fails or is stopped before then leaves no empty directory behind."""
+
+    def __init__(self, path: Optional[str], pattern: str, count: int, inputs: Iterable[Path] = ()):
+        self.path = Path(path) if path else None
+        self.pattern = pattern
+        if self.path is None:
+            return
+        if self.path.exists() and not self.path.is_dir():
+            raise CliError(f"{self.path} exists and is not a directory: give a directory for the files")
+        ancestor = self.path
+        while not ancestor.exists():
+            ancestor = ancestor.parent
+        if not ancestor.is_dir() or not os.access(ancestor, os.W_OK):
+            raise CliError(f"cannot create files in {self.path}: {ancestor} is not a writable directory")
+        if self.path.exists():  # a directory still to be made holds no input
+            inputs = list(inputs)
+            for n in range(1, count + 1):
+                check_not_inputs(self.path / pattern.format(n), inputs)
+
+    def file(self, n: int) -> Optional[Path]:
+        if self.path is None:
+            return None
+        self.path.mkdir(parents=True, exist_ok=True)
+        return self.path / self.pattern.format(n)
+
+
+def check_not_inputs(output: Optional[Path], inputs: Iterable) -> None:
+    """Refuse an output that is one of the files read (a recording must never be overwritten)."""
+    if output is not None:
+        check_output_path(output, [p for p in inputs if p is not None])
 
 
 class Parser(argparse.ArgumentParser):
@@ -104,8 +176,14 @@ def read_context(args) -> List[Segment]:
     speakers = args.context_speaker or [args.speaker] * len(args.context_audio)
     # Explicit context sets the voice: pinned, while a conversation's older turns may be dropped.
     for audio, text, speaker in zip(args.context_audio, args.context_text, speakers):
-        segments.append(Segment(speaker, text, read_audio(audio), pinned=True))
+        segments.append(Segment(speaker, text, read_audio(audio), pinned=True, source=Path(audio)))
     return segments
+
+
+def context_inputs(args, segments: Iterable[Segment]) -> List[Path]:
+    """Every file the context was read from."""
+    files = [s.source for s in segments if s.source is not None]
+    return files + ([Path(args.conversation)] if args.conversation else [])
 
 
 def sampling_options(args) -> dict:
@@ -150,25 +228,36 @@ class Progress:
 
 
 
-def write_as_done(speeches, output: Optional[Path], each_path, pause_ms: float, describe, noun: str) -> List[np.ndarray]:
-    """Write each Speech to each_path(n) (when not None) as it is done and all of them, pause_ms
-    apart, to output; interrupted, output still gets the finished ones. Returns their audio."""
-    finished: List[np.ndarray] = []
+def write_as_done(speeches, output: Optional[Path], each_path, pause_ms: float, describe, noun: str) -> List[float]:
+    """Write each Speech to each_path(n) (when not None) as it is done, and all of them, pause_ms
+    apart, to output as they come; interrupted, output keeps the finished ones. Returns their
+    durations in seconds."""
+    joined = AudioWriter(output) if output else None
+    pause = np.zeros(int(SAMPLE_RATE * pause_ms / 1000), np.float32)
+    durations: List[float] = []
     try:
         for n, speech in enumerate(speeches, 1):
-            finished.append(speech.audio)
             path = each_path(n)
             if path is not None:
                 write_audio(path, speech.audio)
+            if joined is not None:
+                joined.write(fade_ends(speech.audio, SAMPLE_RATE) if n == 1 else
+                             np.concatenate([pause, fade_ends(speech.audio, SAMPLE_RATE)]))
+            durations.append(speech.duration)
             if describe is not None:
                 print(describe(n, speech), file=sys.stderr)
     except KeyboardInterrupt:
-        if output and finished:
-            write_audio(output, join_turns(finished, SAMPLE_RATE, pause_ms))
-            print(f"csm-mlx: interrupted; wrote the {len(finished)} finished {noun}(s) to {output}", file=sys.stderr)
+        if joined is not None:
+            if durations:
+                joined.close()
+                print(f"csm-mlx: stopped; wrote the {len(durations)} finished {noun}(s) to {output}", file=sys.stderr)
+            else:
+                joined.abort()
         raise
-    if output:
-        write_audio(output, join_turns(finished, SAMPLE_RATE, pause_ms))
-    return finished
-
-
+    except BaseException:
+        if joined is not None:
+            joined.abort()
+        raise
+    if joined is not None:
+        joined.close()
+    return durations

@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import List
 
 from csm_mlx.audio import check_output_path
-from csm_mlx.codec import SAMPLE_RATE
 
-from .args import (CliError, Parser, add_context_arguments, add_model_arguments, add_sampling_arguments, load,
-                   non_negative_int, read_context, sampling_options, write_as_done)
+from .args import (CliError, OutDir, Parser, add_context_arguments, add_model_arguments, add_sampling_arguments,
+                   check_not_inputs, checked_options, context_inputs, load, non_negative_int, read_context,
+                   write_as_done)
 
 EXAMPLES = """examples:
   csm-mlx batch prompts.txt --out-dir clips/ --voice conversational_a --temperature 0
@@ -40,34 +40,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args) -> None:
+    if args.stop_after_repeats is not None:
+        raise CliError("--stop-after-repeats is not supported with batch: use --max-audio-length-ms")
+    options = checked_options(args, speaker=args.speaker, batch_size=args.batch_size, pause_ms=args.pause_ms)
+    speaker, batch_size, pause_ms = options.pop("speaker"), options.pop("batch_size"), options.pop("pause_ms")
+    del options["stop_after_repeats"]
     if not args.output and not args.out_dir:
         raise CliError("nowhere to put the audio: give -o FILE.wav, --out-dir DIR, or both")
-    if args.batch_size < 1:
-        raise CliError(f"--batch-size must be at least 1, got {args.batch_size}")
     output = check_output_path(args.output) if args.output else None
     lines = read_lines(args.lines)
     if not lines:
         raise CliError(f"{args.lines} has no text: give one utterance per line")
-    out_dir = Path(args.out_dir) if args.out_dir else None
-    if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        check_output_path(out_dir / "line_001.wav")
     context = read_context(args)
+    inputs = context_inputs(args, context) + ([Path(args.lines)] if args.lines != "-" else [])
+    check_not_inputs(output, inputs)
+    out_dir = OutDir(args.out_dir, "line_{:03d}.wav", len(lines), inputs)
     csm = load(args)
     if args.voice:
-        context.insert(0, csm.voice(args.voice, args.speaker))
+        context.insert(0, csm.voice(args.voice, speaker))
 
-    options = sampling_options(args)
-    if options.pop("stop_after_repeats") is not None:
-        raise CliError("--stop-after-repeats is not supported with batch: use --max-audio-length-ms")
     start = time.perf_counter()
-    speeches = csm.generate_many(lines, args.speaker, context, batch_size=args.batch_size,
-                                 chunk_chars=args.chunk_chars, **options)
-    finished = write_as_done(
-        speeches, output, lambda n: out_dir / f"line_{n:03d}.wav" if out_dir else None, args.pause_ms,
+    speeches = csm.generate_many(lines, speaker, context, batch_size=batch_size, **options)
+    durations = write_as_done(
+        speeches, output, out_dir.file, pause_ms,
         None if args.quiet else lambda n, speech: f"line {n}/{len(lines)}: {speech.duration:.2f} s", "line")
     if not args.quiet:
-        wall, audio_s = time.perf_counter() - start, sum(map(len, finished)) / SAMPLE_RATE
+        wall, audio_s = time.perf_counter() - start, sum(durations)
         print(f"{len(lines)} lines, {audio_s:.2f} s audio in {wall:.2f} s (RTF {wall / max(audio_s, 1e-9):.2f})"
               + (f"; wrote {output}" if output else ""), file=sys.stderr)
 
@@ -78,8 +76,10 @@ def read_lines(path: str) -> List[str]:
         text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
         raise CliError(f"{path} does not exist: give a text file with one utterance per line") from None
-    except (IsADirectoryError, UnicodeDecodeError):
-        raise CliError(f"{path} is not a UTF-8 text file: give one utterance per line") from None
+    except IsADirectoryError:
+        raise CliError(f"{path} is a directory: give a text file with one utterance per line") from None
+    except UnicodeDecodeError:
+        raise CliError(f"{path} is not UTF-8 text: convert it, e.g. with iconv -t UTF-8") from None
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 

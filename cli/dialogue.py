@@ -7,12 +7,11 @@ from pathlib import Path
 
 from csm_mlx.api import VOICES
 from csm_mlx.audio import check_output_path, read_audio
-from csm_mlx.codec import SAMPLE_RATE
 from csm_mlx.conversation import read_script
 from csm_mlx.segment import Segment
 
-from .args import (CliError, Parser, add_model_arguments, add_sampling_arguments, load, sampling_options,
-                   speaker_value, write_as_done)
+from .args import (CliError, OutDir, Parser, add_model_arguments, add_sampling_arguments, check_not_inputs,
+                   checked_options, load, speaker_value, write_as_done)
 
 EXAMPLES = """A script is text lines "[speaker] text":
   [0] Hey, how are you doing?
@@ -44,29 +43,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args) -> None:
+    options = checked_options(args, pause_ms=args.pause_ms)
+    pause_ms = options.pop("pause_ms")
+    unknown = [name for _, name in args.voice if name not in VOICES]
+    if unknown:
+        raise CliError(f"unknown voice {unknown[0]!r}: choose one of {', '.join(VOICES)}")
     output = check_output_path(args.output)
-    turns_dir = Path(args.turns_dir) if args.turns_dir else None
-    if turns_dir is not None:
-        turns_dir.mkdir(parents=True, exist_ok=True)
-        check_output_path(turns_dir / "turn_001.wav")
     turns = read_script(args.script)
     texts = dict(args.voice_text)
     recorded = []
     for speaker, path in args.voice_audio:
         if speaker not in texts:
             raise CliError(f"--voice-audio {speaker}={path} needs --voice-text {speaker}=TRANSCRIPT")
-        recorded.append(Segment(speaker, texts[speaker], read_audio(path)))
+        recorded.append(Segment(speaker, texts[speaker], read_audio(path), source=Path(path)))
+    inputs = [Path(args.script)] + [s.source for s in turns + recorded if s.source is not None]
+    check_not_inputs(output, inputs)
+    turns_dir = OutDir(args.turns_dir, "turn_{:03d}.wav", len(turns), inputs)
     csm = load(args)
     voices = [csm.voice(name, speaker) for speaker, name in args.voice] + recorded
 
     start = time.perf_counter()
-    speeches = csm.dialogue(turns, voices, chunk_chars=args.chunk_chars, **sampling_options(args))
-    finished = write_as_done(
-        speeches, output, lambda n: turns_dir / f"turn_{n:03d}.wav" if turns_dir else None, args.pause_ms,
+    speeches = csm.dialogue(turns, voices, **options)
+    durations = write_as_done(
+        speeches, output, turns_dir.file, pause_ms,
         None if args.quiet else lambda n, speech: f"turn {n}/{len(turns)} (speaker {turns[n - 1].speaker}): "
                                                   f"{speech.duration:.2f} s", "turn")
     if not args.quiet:
-        print(f"wrote {output}: {len(turns)} turns, {sum(map(len, finished)) / SAMPLE_RATE:.2f} s of speech in "
+        print(f"wrote {output}: {len(turns)} turns, {sum(durations):.2f} s of speech in "
               f"{time.perf_counter() - start:.2f} s", file=sys.stderr)
-
-

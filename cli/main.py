@@ -1,30 +1,61 @@
-"""`csm-mlx`: the command line. `csm-mlx TEXT` speaks; `dialogue`, `batch` and `finetune` are subcommands."""
+"""`csm-mlx`: the command line. `csm-mlx TEXT` speaks; the other commands are subcommands.
 
+Exit codes: 0 done, 2 a user error (one line on stderr), 130 Ctrl-C, 143 SIGTERM. Both
+signals stop the same way at any moment: temporary files are removed and finished work
+(turns, lines, the audio generated so far) is kept as each command says.
+"""
+
+import importlib
+import signal
 import sys
-from typing import List, Optional
+from typing import Callable, List, Optional
 
-from . import batch, dialogue, finetune, speak
-from .args import USER_ERRORS, CliError
-
-COMMANDS = {"dialogue": (dialogue.build_parser, dialogue.run), "batch": (batch.build_parser, batch.run),
-            "finetune": (finetune.build_parser, finetune.run)}
+# subcommand -> module under cli/; anything else is text for `speak`
+COMMANDS = {"dialogue": "dialogue", "batch": "batch", "finetune": "finetune"}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] and argv[0] in COMMANDS:
-        build, command = COMMANDS[argv[0]]
-        args = build().parse_args(argv[1:])
-    else:
-        args, command = speak.build_parser().parse_args(argv), speak.run
+    return guarded("csm-mlx", lambda: run(argv))
+
+
+def guarded(prog: str, body: Callable[[], int]) -> int:
+    """Run a command's body with SIGTERM stopping it as Ctrl-C does; return its exit code."""
+    received = []
+
+    def terminate(signum, frame):
+        received.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, terminate)
     try:
-        command(args)
-    except (CliError, *USER_ERRORS) as e:
+        return body()
+    except KeyboardInterrupt:
+        signum = received[0] if received else signal.SIGINT
+        print(f"{prog}: {'terminated' if signum == signal.SIGTERM else 'interrupted'}", file=sys.stderr)
+        return 128 + signum
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run(argv: List[str]) -> int:
+    # imported here, under main's Ctrl-C handling: loading MLX takes seconds
+    from .args import CliError, user_error_message
+
+    name = argv[0] if argv[:1] and argv[0] in COMMANDS else None
+    command = importlib.import_module(f".{COMMANDS[name] if name else 'speak'}", __package__)
+    args = command.build_parser().parse_args(argv[1:] if name else argv)
+    try:
+        command.run(args)
+    except CliError as e:
         print(f"csm-mlx: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("csm-mlx: interrupted", file=sys.stderr)
-        return 130
+    except Exception as e:
+        message = user_error_message(e)
+        if message is None:
+            raise
+        print(f"csm-mlx: error: {message}", file=sys.stderr)
+        return 2
     return 0
 
 

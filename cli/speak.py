@@ -1,20 +1,20 @@
 """`csm-mlx TEXT`: speak text, optionally in the voice of context audio, to a file or the speakers."""
 
 import argparse
+import logging
 import sys
 import time
+from typing import Optional
 
 import mlx.core as mx
-import numpy as np
 
-from csm_mlx.audio import check_output_path, write_audio
+from csm_mlx.audio import AudioWriter, check_output_path
 from csm_mlx.codec import FRAME_SAMPLES, SAMPLE_RATE
 from csm_mlx.conversation import expected_seconds
-from csm_mlx.frames import FRAME_MS
 from csm_mlx.player import Player
 
 from .args import (CliError, Parser, Progress, add_context_arguments, add_model_arguments, add_sampling_arguments,
-                   load, non_negative_int, read_context, sampling_options)
+                   check_not_inputs, checked_options, context_inputs, load, non_negative_int, read_context, read_text)
 
 EXAMPLES = """examples:
   csm-mlx "Hello from MLX." --speaker 0 -o hello.wav
@@ -52,57 +52,69 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args) -> None:
-    text = args.text if args.text is not None else sys.stdin.read()
-    if not text.strip():
-        raise CliError("text is empty: give the words to speak as an argument or on standard input")
+    text = read_text(args.text)
+    options = checked_options(args, speaker=args.speaker, chunk_frames=args.stream_chunk_frames)
+    speaker, chunk_frames = options.pop("speaker"), options.pop("chunk_frames")
     if not args.output and not args.play:
         raise CliError("nowhere to put the audio: give -o FILE.wav, --play, or both")
     output = check_output_path(args.output) if args.output else None
     context = read_context(args)
+    check_not_inputs(output, context_inputs(args, context))
     csm = load(args)
     if args.voice:
-        context.insert(0, csm.voice(args.voice, args.speaker))
+        context.insert(0, csm.voice(args.voice, speaker))
 
-    options = dict(sampling_options(args), chunk_chars=args.chunk_chars)
     progress = Progress(not args.quiet)
     mx.reset_peak_memory()
-    if args.play:
-        report = play(csm, text, args.speaker, context, options, args.stream_chunk_frames, progress, output)
-    else:
-        speech = csm.generate(text, args.speaker, context, on_frame=progress, **options)
-        progress.close()
-        write_audio(output, speech.audio, speech.sample_rate)
-        report = f"wrote {output}: {speech.duration:.2f} s audio"
+    chunks = csm.stream(text, speaker, context, chunk_frames=chunk_frames, **options)
+    cap = options["max_audio_length_ms"]
+    player = Player(expected_seconds=min(expected_seconds(text), cap / 1000 if cap else float("inf"))) if args.play else None
+    report = speak(chunks, player, AudioWriter(output) if output else None, progress)
     if not args.quiet:
         print(progress.summary(report), file=sys.stderr)
 
 
-def play(csm, text, speaker, context, options, chunk_frames, progress, output) -> str:
-    """Play the speech as it is generated; write it to output too (also when interrupted)."""
-    cap = options["max_audio_length_ms"]
-    player = Player(expected_seconds=min(expected_seconds(text), cap / 1000 if cap else float("inf")))
-    chunks, samples, first_audio = [], 0, None
+def speak(chunks, player: Optional[Player], writer: Optional[AudioWriter], progress: Progress) -> str:
+    """Play and/or write the audio chunks as they are generated. Stopped by a signal, playback ends
+    at once and the audio generated so far is still written; any other failure leaves no file."""
+    samples, first_audio = 0, None
     try:
-        for chunk in csm.stream(text, speaker, context, chunk_frames=chunk_frames, **options):
-            first_audio = first_audio or time.perf_counter() - progress.start
-            chunks.append(chunk)
+        for chunk in chunks:
+            if first_audio is None:
+                first_audio = time.perf_counter() - progress.start
+                logging.getLogger("csm_mlx").info("first audio after %.2f s", first_audio)
             samples += len(chunk)
-            player.feed(chunk)
+            if writer is not None:
+                writer.write(chunk)
+            if player is not None:
+                player.feed(chunk)
             progress(samples // FRAME_SAMPLES)
-        player.finish()
+        if player is not None:
+            player.finish()
     except KeyboardInterrupt:
-        player.stop()
+        if player is not None:
+            player.stop()
         progress.close()
-        if output and chunks:
-            write_audio(output, np.concatenate(chunks))
-            print(f"csm-mlx: wrote the {samples / SAMPLE_RATE:.2f} s generated so far to {output}", file=sys.stderr)
+        if writer is not None and samples:
+            writer.close()
+            print(f"csm-mlx: wrote the {samples / SAMPLE_RATE:.2f} s generated so far to {writer.path}", file=sys.stderr)
+        elif writer is not None:
+            writer.abort()
+        raise
+    except BaseException:
+        if player is not None:
+            player.stop()
+        if writer is not None:
+            writer.abort()
         raise
     progress.close()
-    report = (f"played {progress.frames * FRAME_MS / 1000:.2f} s audio, first audio after {first_audio or 0:.2f} s, "
+    seconds = samples / SAMPLE_RATE
+    if player is None:
+        writer.close()
+        return f"wrote {writer.path}: {seconds:.2f} s audio"
+    report = (f"played {seconds:.2f} s audio, first audio after {first_audio or 0:.2f} s, "
               f"playback started {player.start_delay or 0:.2f} s later, {player.underruns} underruns")
-    if output:
-        write_audio(output, np.concatenate(chunks) if chunks else np.zeros(0, np.float32))
-        report += f"; wrote {output}"
+    if writer is not None:
+        writer.close()
+        report += f"; wrote {writer.path}"
     return report
-
-

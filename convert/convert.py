@@ -1,12 +1,14 @@
 """`csm-mlx-convert`: a csm-1b checkpoint (original or transformers format) -> an MLX model directory."""
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Optional
 
-from csm_mlx.checkpoint import DTYPES, CheckpointError, load_model, quantize, save_model
+from csm_mlx.checkpoint import DTYPES, CheckpointError, check_quantization, load_model, quantize, save_model
 from csm_mlx.api import MIMI_FILE, TOKENIZER_FILE, find_mimi, find_tokenizer
+from csm_mlx.cli.main import guarded
 from csm_mlx.finetune.adapters import AdapterError, fuse, load_adapters
 from csm_mlx.hub import HubError, resolve_model
 
@@ -29,6 +31,13 @@ def convert(
     mlx_path = Path(mlx_path)
     if mlx_path.exists() and (not mlx_path.is_dir() or any(mlx_path.iterdir())):
         raise CheckpointError(f"{mlx_path} already exists: choose a new --mlx-path or remove it first")
+    if quantize_weights:
+        check_quantization(q_bits, q_group_size)
+    parent = mlx_path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK):
+        raise CheckpointError(f"cannot create {mlx_path}: {parent} is not writable")
     source = resolve_model(hf_path)
     extra_files = {}
     if bundle:
@@ -66,15 +75,21 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument("--adapter-path", metavar="DIR",
                         help="fuse the adapter that `csm-mlx finetune` wrote to DIR into the converted model")
     args = parser.parse_args(argv)
+    return guarded("csm-mlx-convert", lambda: _run(args))
+
+
+def _run(args) -> int:
     try:
         out = convert(args.hf_path, args.mlx_path, args.dtype, args.quantize, args.q_bits, args.q_group_size,
                       args.bundle, args.adapter_path)
-    except (CheckpointError, HubError, FileNotFoundError, AdapterError) as e:
+    except (CheckpointError, HubError, AdapterError) as e:
         print(f"csm-mlx-convert: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"csm-mlx-convert: error: cannot write {args.mlx_path}: {(e.strerror or str(e)).lower()}", file=sys.stderr)
         return 2
     print(f"wrote {out}")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

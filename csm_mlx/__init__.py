@@ -2,26 +2,33 @@
 
 from . import blas  # noqa: F401  (first: it must run before mlx.core is loaded)
 
-from .checkpoint import CheckpointError, load_model
-from .conversation import Conversation
-from .api import CSM
-from .segment import Segment, Speech
-from .frames import TokenizedSegment, generate, generate_frames, make_frame_sampler, prompt_rows
-from .models import Model, ModelArgs, TransformerArgs
+# The public names load on first use (PEP 562): importing the package (the CLI does, to
+# start) stays quick, so a Ctrl-C while the CLI starts up meets its own handler.
+_EXPORTS = {
+    "CSM": "api",
+    "Conversation": "conversation",
+    "CheckpointError": "checkpoint",
+    "load_model": "checkpoint",
+    "Segment": "segment",
+    "Speech": "segment",
+    "Model": "models",
+    "ModelArgs": "models",
+    "TransformerArgs": "models",
+    "TokenizedSegment": "frames",
+    "generate": "frames",
+    "generate_frames": "frames",
+    "make_frame_sampler": "frames",
+    "prompt_rows": "frames",
+}
 
-__all__ = [
-    "CSM",
-    "Conversation",
-    "CheckpointError",
-    "Segment",
-    "Speech",
-    "Model",
-    "ModelArgs",
-    "TokenizedSegment",
-    "TransformerArgs",
-    "generate",
-    "generate_frames",
-    "load_model",
-    "make_frame_sampler",
-    "prompt_rows",
-]
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'csm_mlx' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value

@@ -15,12 +15,13 @@ import mlx.core as mx
 import numpy as np
 
 from . import hub
-from .audio import AudioError, read_audio
-from .checkpoint import load_model
+from .audio import check_context_audio, read_audio
+from .checkpoint import load_model, read_config
 from .codec import SAMPLE_RATE, Mimi
 from .conversation import Conversation, frame_cap
-from .finetune.adapters import load_adapters
+from .finetune import adapters
 from .frames import TokenizedSegment, generate_batch, stack_frames
+from .options import check_options, check_text, check_texts
 from .segment import Segment, Speech, check_speaker
 from .models import Model
 from .text import chunk_text
@@ -52,12 +53,16 @@ VOICES: Dict[str, str] = {
 }
 
 
+def _given_file(explicit: os.PathLike) -> Path:
+    path = Path(explicit).expanduser()
+    if not path.is_file():
+        raise hub.HubError(f"{path} {'is a directory: give the file' if path.is_dir() else 'does not exist'}")
+    return path
+
+
 def _local_or_hub(explicit: Optional[os.PathLike], beside_model: Path, repo: str, filename: str) -> Path:
     if explicit is not None:
-        path = Path(explicit).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} does not exist")
-        return path
+        return _given_file(explicit)
     if beside_model.is_file():
         return beside_model
     return hub.download(repo, [filename]) / filename
@@ -99,13 +104,20 @@ class CSM:
         unquantized model in float32 on the CPU backend, whose bfloat16/float16 products have
         no fast kernels (4-5x slower here), and as stored on a GPU; None keeps it as stored.
         adapter_path: a directory `csm-mlx finetune` wrote, applied to the model."""
+        # the cheap checks first: given paths, then the config, before any download or allocation
+        for explicit in (tokenizer, mimi):
+            if explicit is not None:
+                _given_file(explicit)
+        if adapter_path is not None:
+            adapters.read_config(adapter_path)
         model_dir = hub.resolve_model(model)
+        read_config(model_dir)
         tokenizer_path, mimi_path = find_tokenizer(model_dir, tokenizer), find_mimi(model_dir, mimi)
         csm_model, info = load_model(model_dir, dtype=None if dtype == "auto" else dtype)
         if dtype == "auto" and info["quantization"] is None and mx.default_device().type == mx.cpu:
             csm_model.set_dtype(mx.float32)
         if adapter_path is not None:
-            load_adapters(csm_model, adapter_path)
+            adapters.load_adapters(csm_model, adapter_path)
         return cls(csm_model, TextTokenizer(tokenizer_path), Mimi(mimi_path), model_dir)
 
     def voice(self, name: str, speaker: int = 0) -> Segment:
@@ -119,12 +131,10 @@ class CSM:
 
     def tokenize(self, segment: Segment) -> TokenizedSegment:
         check_speaker(segment.speaker)
+        check_text(segment.text, "context text")
         codes = None
         if segment.audio is not None:
-            audio = np.asarray(segment.audio, dtype=np.float32)
-            if audio.ndim != 1 or audio.size == 0:
-                raise AudioError(f"context audio of speaker {segment.speaker} must be non-empty mono (samples,)")
-            codes = self.mimi.encode(audio)
+            codes = self.mimi.encode(check_context_audio(segment.audio, f"context audio of speaker {segment.speaker}"))
         return TokenizedSegment(self.tokenizer.encode(segment.text, segment.speaker), codes, segment.pinned)
 
     def speech(self, codes: np.ndarray) -> Speech:
@@ -173,7 +183,7 @@ class CSM:
 
         Generation reads the weights once per step for the whole batch, so n texts take
         little more time than one; greedy, each text gets the audio it gets alone."""
-        speaker = self._check_batch(texts, speaker)
+        texts, speaker, max_audio_length_ms, sampling = self._check_batch(texts, speaker, max_audio_length_ms, sampling)
         codes = self._batch_codes(Conversation(self, context), texts, speaker, max_audio_length_ms, sampling)
         return [self.speech(c) for c in codes]
 
@@ -197,9 +207,11 @@ class CSM:
         as generate does), and decoded as one stream: throughput for a shared voice prompt,
         at the cost of the cross-chunk continuity that generate keeps. Bad input fails here,
         not at the first line."""
-        speaker = self._check_batch(texts, speaker)
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        texts, speaker, max_audio_length_ms, sampling = self._check_batch(
+            texts, speaker, max_audio_length_ms, dict(sampling, seed=seed))
+        seed = sampling.pop("seed")
+        options = check_options(batch_size=batch_size, chunk_chars=chunk_chars)
+        batch_size, chunk_chars = options["batch_size"], options["chunk_chars"]
         items = [(n, chunk) for n, text in enumerate(texts)
                  for chunk in (chunk_text(text, chunk_chars) if chunk_chars else [text])]
         conversation = Conversation(self, context)
@@ -222,10 +234,12 @@ class CSM:
 
         return speak()
 
-    def _check_batch(self, texts: Sequence[str], speaker: int) -> int:
-        if not texts or any(not t or not t.strip() for t in texts):
-            raise ValueError("every text of a batch must be non-empty")
-        return check_speaker(speaker)
+    def _check_batch(self, texts: Sequence[str], speaker: int, max_audio_length_ms: Optional[float], sampling: dict):
+        """Checked texts, speaker, frame cap and sampling options of a batch call."""
+        if "stop_after_repeats" in sampling:
+            raise TypeError("stop_after_repeats is not supported for batches: use max_audio_length_ms")
+        options = check_options(speaker=speaker, max_audio_length_ms=max_audio_length_ms, **sampling)
+        return check_texts(texts), options.pop("speaker"), options.pop("max_audio_length_ms"), options
 
     def _batch_codes(self, conversation: Conversation, texts: Sequence[str], speaker: int,
                      max_audio_length_ms: Optional[float], sampling: dict) -> List[np.ndarray]:
@@ -262,16 +276,17 @@ class CSM:
 
         Decoding is Mimi's streaming decoder: one state for the whole stream, reset when a
         stream starts, so chunks join with no seam. One stream at a time per CSM object."""
-        if chunk_frames < 1:
-            raise ValueError(f"chunk_frames must be at least 1, got {chunk_frames}")
+        chunk_frames = check_options(chunk_frames=chunk_frames)["chunk_frames"]
         source = self.frames(text, speaker, context, **kwargs)
-        self.mimi.reset()
-        pending = []
-        for frame in source:
-            pending.append(frame)
-            if len(pending) == chunk_frames:
-                yield self.mimi.decode_step(np.stack(pending, axis=1))
-                pending.clear()
-        if pending:
-            yield self.mimi.decode_step(np.stack(pending, axis=1))
 
+        def chunks():
+            pending = []
+            for frame in source:
+                pending.append(frame)
+                if len(pending) == chunk_frames:
+                    yield stack_frames(pending)
+                    pending = []
+            if pending:
+                yield stack_frames(pending)
+
+        return self.mimi.decode_chunks(chunks())

@@ -1,65 +1,181 @@
 """Reading context audio (any common format, rate, channel count) and writing output atomically."""
 
 import os
-import tempfile
+import secrets
 from pathlib import Path
+from typing import Iterable, Optional
 
 import numpy as np
 import soundfile as sf
 import soxr
 
 from .codec import SAMPLE_RATE
+from .options import MAX_AUDIO_MS
 
 # float WAV keeps the decoder's samples exactly; FLAC only stores integers.
 OUTPUT_SUBTYPES = {".wav": ("WAV", "FLOAT"), ".flac": ("FLAC", "PCM_24")}
+# The backbone's window holds at most this much audio, context included; a longer clip can never be used.
+MAX_CONTEXT_SECONDS = MAX_AUDIO_MS / 1000
 
 
 class AudioError(ValueError):
     """An audio file that cannot be read or written; the message names it and says why."""
 
 
-def read_audio(path: os.PathLike) -> np.ndarray:
-    """The file's audio as 24 kHz mono float32, down-mixed and resampled (soxr, high quality)."""
-    if not Path(path).is_file():
-        raise AudioError(f"audio file {path} does not exist")
+def _check_readable(path: Path, what: str) -> None:
+    if path.is_dir():
+        raise AudioError(f"{what} {path} is a directory: give an audio file")
+    if not path.exists():
+        raise AudioError(f"{what} {path} does not exist")
+    if not os.access(path, os.R_OK):
+        raise AudioError(f"cannot read {what} {path}: permission denied")
+
+
+def read_audio(path: os.PathLike, max_seconds: Optional[float] = MAX_CONTEXT_SECONDS) -> np.ndarray:
+    """The file's audio as 24 kHz mono float32, down-mixed and resampled (soxr, high quality).
+
+    A clip longer than max_seconds is refused from its header, before its samples are read."""
+    path = Path(path)
+    _check_readable(path, "audio file")
     try:
+        info = sf.info(str(path))
+        if max_seconds is not None and info.frames > max_seconds * info.samplerate:
+            raise AudioError(
+                f"audio file {path} is {info.frames / info.samplerate:.0f} s long; the model's window holds at most "
+                f"{max_seconds:.0f} s of audio, context included: use a shorter clip (5-20 s makes a good voice prompt)"
+            )
         audio, rate = sf.read(str(path), dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, TypeError) as e:
         raise AudioError(f"cannot read audio file {path} ({e}): use WAV, FLAC, OGG or MP3") from None
     if audio.shape[0] == 0:
         raise AudioError(f"audio file {path} holds no samples")
+    if not np.isfinite(audio).all():
+        raise AudioError(f"audio file {path} holds NaN or infinite samples: it is corrupt")
     mono = audio.mean(axis=1)
     if rate != SAMPLE_RATE:
         mono = soxr.resample(mono, rate, SAMPLE_RATE, quality="HQ")
     return np.ascontiguousarray(mono, dtype=np.float32)
 
 
-def check_output_path(path: os.PathLike) -> Path:
-    """Fail before any work if path cannot receive an output file."""
+def check_context_audio(audio, what: str = "context audio") -> np.ndarray:
+    """Audio given to the API as context: finite mono float samples (N,) that fit the window."""
+    audio = np.asarray(audio)
+    if audio.ndim != 1 or audio.size == 0 or not np.issubdtype(audio.dtype, np.number):
+        raise AudioError(f"{what} must be non-empty mono samples (N,), got shape {audio.shape} of {audio.dtype}")
+    audio = audio.astype(np.float32)
+    if not np.isfinite(audio).all():
+        raise AudioError(f"{what} holds NaN or infinite samples")
+    if audio.size > MAX_CONTEXT_SECONDS * SAMPLE_RATE:
+        raise AudioError(f"{what} is {audio.size / SAMPLE_RATE:.0f} s long; the model's window holds at most "
+                         f"{MAX_CONTEXT_SECONDS:.0f} s of audio: use a shorter clip")
+    return audio
+
+
+def check_output_path(path: os.PathLike, inputs: Iterable[os.PathLike] = ()) -> Path:
+    """Fail before any work if path cannot receive an output file, or is one of the inputs."""
     path = Path(path)
     if path.suffix.lower() not in OUTPUT_SUBTYPES:
         raise AudioError(f"output {path} must end in .wav or .flac")
     if path.is_dir():
         raise AudioError(f"output {path} is a directory: give a file name")
     parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
+    if not parent.exists():
         raise AudioError(f"cannot write {path}: directory {parent} does not exist")
+    if not parent.is_dir():
+        raise AudioError(f"cannot write {path}: {parent} is not a directory")
     if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
         raise AudioError(f"cannot write {path}: permission denied")
+    for source in inputs:
+        if path.exists() and Path(source).exists() and os.path.samefile(path, source):
+            raise AudioError(f"output {path} is also an input ({source}): choose another output name")
     return path
+
+
+class AudioWriter:
+    """An output file written as audio arrives, so memory stays flat with length.
+
+    The samples go to a temporary sibling that close() renames into place; abort() removes
+    it, and so does leaving a with-block by an error or a signal. A reader never sees a
+    half-written file, and a file already at path stays intact until the new one is whole."""
+
+    def __init__(self, path: os.PathLike, sample_rate: int = SAMPLE_RATE):
+        self.path = check_output_path(path)
+        self.samples = 0
+        fmt, subtype = OUTPUT_SUBTYPES[self.path.suffix.lower()]
+        self._tmp = self.path.with_name(f".{self.path.name}.{secrets.token_hex(4)}.part")
+        self._file = None
+        try:
+            # libsndfile creates it with the usual mode (0666 less the umask)
+            self._file = sf.SoundFile(str(self._tmp), "x", sample_rate, 1, subtype, format=fmt)
+        except BaseException as e:
+            self._fail(e)
+
+    def write(self, audio: np.ndarray) -> None:
+        """Append samples. A failed write removes the file; a signal (raised once the write is done)
+        leaves it to the caller to close() or abort()."""
+        try:
+            self._file.write(np.asarray(audio, dtype=np.float32).reshape(-1))
+        except (sf.LibsndfileError, OSError, RuntimeError) as e:
+            self._fail(e)
+        self.samples += np.size(audio)
+
+    def close(self) -> Path:
+        """Finish the file and move it into place."""
+        try:
+            self._file.close()
+            os.replace(self._tmp, self.path)
+        except BaseException as e:
+            self._fail(e)
+        return self.path
+
+    def abort(self) -> None:
+        """Drop the file being written; whatever was at path stays as it was."""
+        if self._file is not None and not self._file.closed:
+            try:
+                self._file.close()
+            except (sf.LibsndfileError, OSError, RuntimeError):
+                pass  # the write that failed already said why; the file is removed below
+        self._remove()
+
+    def _remove(self) -> None:
+        self._tmp.unlink(missing_ok=True)
+
+    def _fail(self, e: BaseException) -> None:
+        """Remove the temporary file and raise: an I/O failure as an AudioError saying why, anything
+        else (a signal, a bug) as it is."""
+        error = AudioError(f"cannot write {self.path}: {self._reason(e)}") if isinstance(
+            e, (sf.LibsndfileError, OSError, RuntimeError)) else e
+        self.abort()
+        raise error from None
+
+    def _reason(self, e: BaseException) -> str:
+        if isinstance(e, OSError) and e.strerror:
+            return e.strerror.lower()
+        # libsndfile reports a failed write as "System error" alone; more bytes written
+        # directly onto the same file tell the reason (disk full, file too large...).
+        try:
+            with open(self._tmp, "r+b") as f:
+                f.seek(0, os.SEEK_END)
+                f.write(bytes(65536))
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as probe:
+            return (probe.strerror or "the write failed").lower()
+        return "the write failed"
+
+    def __enter__(self) -> "AudioWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
 
 
 def write_audio(path: os.PathLike, audio: np.ndarray, sample_rate: int = SAMPLE_RATE) -> Path:
-    """Write mono audio to .wav/.flac via a temporary file renamed into place, so a reader
-    never sees a half-written file and an interrupted write leaves the old file intact."""
-    path = check_output_path(path)
-    fmt, subtype = OUTPUT_SUBTYPES[path.suffix.lower()]
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            sf.write(f, np.asarray(audio, dtype=np.float32), sample_rate, format=fmt, subtype=subtype)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Write mono audio to .wav/.flac atomically (see AudioWriter)."""
+    with AudioWriter(path, sample_rate) as writer:
+        writer.write(audio)
+    return writer.path
+

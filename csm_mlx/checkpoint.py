@@ -2,8 +2,8 @@
 
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
@@ -11,7 +11,9 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from .codec import NUM_CODEBOOKS
 from .models import FLAVORS, Model, ModelArgs, TransformerArgs
+from .options import AUDIO_CODES
 
 MLX_MODEL_TYPE = "csm_mlx"
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
@@ -54,11 +56,69 @@ def _transformer_args_from_hf(cfg: Dict[str, Any]) -> TransformerArgs:
     )
 
 
+# Plausible ranges for a CSM config, checked before anything is allocated: csm-1b sits well
+# inside them, and a config outside them is corrupt or not CSM (a million layers would allocate
+# until the machine runs out).
+STACK_LIMITS = {"num_layers": 256, "hidden_size": 32_768, "num_heads": 512, "num_kv_heads": 512,
+                "intermediate_size": 262_144, "head_dim": 1024, "max_seq_len": 1_048_576}
+MAX_PARAMETERS = 50e9
+
+
+def _check_sizes(args: ModelArgs, path: Path) -> None:
+    where = f"{path}/config.json"
+
+    def positive_int(name, value, limit):
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= limit:
+            raise CheckpointError(f"{where}: {name} is {value!r}, expected a whole number in 1..{limit}: "
+                                  "the file is corrupt or not a CSM config")
+
+    for stack, t in (("backbone", args.backbone), ("depth decoder", args.decoder)):
+        for name, limit in STACK_LIMITS.items():
+            positive_int(f"the {stack}'s {name}", getattr(t, name), limit)
+        if t.num_heads % t.num_kv_heads or t.head_dim % 2:
+            raise CheckpointError(f"{where}: the {stack}'s {t.num_heads} heads, {t.num_kv_heads} key/value heads and "
+                                  f"head size {t.head_dim} do not fit together (heads must be a multiple of key/value "
+                                  "heads, the head size even)")
+        if not (isinstance(t.norm_eps, (int, float)) and 0 < t.norm_eps < 1 and t.rope_theta > 0):
+            raise CheckpointError(f"{where}: the {stack}'s norm epsilon or RoPE base is out of range")
+    positive_int("text_vocab_size", args.text_vocab_size, 1_048_576)
+    positive_int("audio_vocab_size", args.audio_vocab_size, 65_536)
+    if args.audio_num_codebooks != NUM_CODEBOOKS or args.audio_vocab_size < AUDIO_CODES:
+        raise CheckpointError(f"{where}: {args.audio_num_codebooks} codebooks of {args.audio_vocab_size} codes; "
+                              f"Mimi needs {NUM_CODEBOOKS} codebooks of at least {AUDIO_CODES} codes")
+    if args.decoder.max_seq_len < args.audio_num_codebooks:
+        raise CheckpointError(f"{where}: the depth decoder's {args.decoder.max_seq_len} positions cannot hold "
+                              f"{args.audio_num_codebooks} codebooks")
+    parameters = parameter_count(args)
+    if parameters > MAX_PARAMETERS:
+        raise CheckpointError(f"{where} describes a model of {parameters / 1e9:.0f}B parameters (csm-1b has 1.6B): "
+                              "the file is corrupt or not a CSM config")
+
+
+def parameter_count(args: ModelArgs) -> int:
+    """Parameters of a model with these sizes, from the config alone."""
+    def stack(t):
+        attention = t.hidden_size * t.head_dim * (2 * t.num_heads + 2 * t.num_kv_heads)
+        return t.num_layers * (attention + 3 * t.hidden_size * t.intermediate_size + 2 * t.hidden_size) + t.hidden_size
+
+    d, dd, k, v = args.backbone.hidden_size, args.decoder.hidden_size, args.audio_num_codebooks, args.audio_vocab_size
+    return (stack(args.backbone) + stack(args.decoder) + d * (args.text_vocab_size + v * k + dd + v)
+            + (k - 1) * dd * v)
+
+
 def read_config(path: Path) -> Tuple[str, ModelArgs, Dict[str, Any]]:
-    """Return (format, model args, config) for a checkpoint directory.
+    """Return (format, model args, config) for a checkpoint directory, sizes checked.
 
     format is "original", "transformers" or "mlx"."""
+    fmt, args, cfg = _parse_config(path)
+    _check_sizes(args, path)
+    return fmt, args, cfg
+
+
+def _parse_config(path: Path) -> Tuple[str, ModelArgs, Dict[str, Any]]:
     cfg = _read_json(path / "config.json")
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{path}/config.json holds no JSON object: it is not a CSM config")
     try:
         if cfg.get("model_type") == MLX_MODEL_TYPE:
             return "mlx", ModelArgs.from_dict(cfg["model"]), cfg
@@ -87,8 +147,12 @@ def read_config(path: Path) -> Tuple[str, ModelArgs, Dict[str, Any]]:
                 audio_num_codebooks=cfg["audio_num_codebooks"],
             )
             return "original", args, cfg
-    except (KeyError, TypeError) as e:
+    except CheckpointError:
+        raise
+    except KeyError as e:
         raise CheckpointError(f"{path}/config.json lacks the field {e}: it is not a complete CSM config") from None
+    except (TypeError, AttributeError, ValueError) as e:
+        raise CheckpointError(f"{path}/config.json has a field of the wrong kind ({e}): it is not a CSM config") from None
     raise CheckpointError(
         f"{path}/config.json is not a CSM checkpoint (expected the original Sesame config "
         "with backbone_flavor, a transformers config with model_type 'csm', or a csm-mlx conversion)"
@@ -187,11 +251,15 @@ def load_model(
     return model, info
 
 
-def quantize(model: Model, bits: int, group_size: int) -> None:
+def check_quantization(bits: int, group_size: int) -> None:
     if bits not in (4, 8):
         raise CheckpointError(f"--q-bits {bits} is not supported: use 4 or 8")
     if group_size not in (32, 64, 128):
         raise CheckpointError(f"--q-group-size {group_size} is not supported: use 32, 64 or 128")
+
+
+def quantize(model: Model, bits: int, group_size: int) -> None:
+    check_quantization(bits, group_size)
     nn.quantize(model, group_size=group_size, bits=bits, class_predicate=_is_quantizable(group_size))
 
 
@@ -211,7 +279,9 @@ def save_model(
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise CheckpointError(f"{path} already exists: choose a new --mlx-path or remove it first")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    # not tempfile.mkdtemp: its 0700 would stay on the model directory; mkdir applies the umask
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.part"
+    tmp.mkdir()
     try:
         config = {
             "model_type": MLX_MODEL_TYPE,

@@ -1,6 +1,24 @@
-"""Mimi, the audio codec, through rustymimi: 32 codes per 80 ms frame <-> 24 kHz mono audio."""
+"""Mimi, the audio codec, through rustymimi: 32 codes per 80 ms frame <-> 24 kHz mono audio.
 
+rustymimi's one-pass decode and encode hold the whole clip (about 2 GB of working memory for
+30 s) and its decode panics past 4096 frames. Here both run on Mimi's streaming state, one
+frame per step, so memory stays flat with length. Decoding a frame per step gives the same
+samples however the frames are grouped into chunks (a stream, a file, a server response);
+they equal the one-pass decode to ~1e-6. Encoding a frame per step gives exactly the codes
+of the one-pass encode, which is faster, so clips up to ONE_PASS_ENCODE_FRAMES still take it.
+
+The streaming decoder too stops at 4096 frames (its RoPE table ends there, 5.5 minutes), and
+its attention remembers everything before. rustymimi's reset() does not rewind those positions
+(a second decode after a reset differs from a fresh instance's by ~1e-6), so a long-lived
+process would hit the limit across many short streams: once RELOAD_AFTER positions are used,
+a reset loads a fresh instance. A stream longer than the limit restarts the state and first
+feeds it the last WARMUP_FRAMES again (their audio discarded): past that point the audio is a
+close continuation, not the samples an endless decoder would give (none exists to compare with).
+"""
+
+import collections
 import os
+from typing import Iterable, Iterator
 
 import numpy as np
 import rustymimi
@@ -8,6 +26,11 @@ import rustymimi
 SAMPLE_RATE = 24_000
 FRAME_SAMPLES = 1920  # 80 ms at 24 kHz
 NUM_CODEBOOKS = 32
+# 10 s: the one-pass encode needs ~0.7 GB for it and is ~2x faster than stepping.
+ONE_PASS_ENCODE_FRAMES = 125
+STREAM_FRAMES = 4096  # positions of the streaming decoder's RoPE table
+WARMUP_FRAMES = 250  # 20 s of context carried over a restart
+RELOAD_AFTER = 1024  # positions used before a reset reloads (~0.4 s), leaving a stream >= 3072 frames
 
 
 class CodecError(ValueError):
@@ -15,33 +38,87 @@ class CodecError(ValueError):
 
 
 class Mimi:
-    def __init__(self, path: os.PathLike):
+    def __init__(self, path: os.PathLike, stream_frames: int = STREAM_FRAMES, warmup_frames: int = WARMUP_FRAMES,
+                 reload_after: int = RELOAD_AFTER):
+        self.path = path
+        self.stream_frames, self.warmup_frames, self.reload_after = stream_frames, warmup_frames, reload_after
+        self._recent: collections.deque = collections.deque(maxlen=warmup_frames)
+        self._position = 0  # frames the decoder state holds since its restart
+        self._used = 0  # steps run since the instance was loaded (reset() does not rewind them)
+        self._load()
+
+    def _load(self) -> None:
         try:
             # rustymimi's default is 8 codebooks; CSM uses all 32.
-            self._mimi = rustymimi.Tokenizer(str(path), num_codebooks=NUM_CODEBOOKS)
+            self._mimi = rustymimi.Tokenizer(str(self.path), num_codebooks=NUM_CODEBOOKS)
         except Exception as e:  # rustymimi raises bare exceptions for missing or malformed files
             raise CodecError(
-                f"{path} cannot be loaded as Mimi weights ({e}): expected "
+                f"{self.path} cannot be loaded as Mimi weights ({e}): expected "
                 "kyutai/moshiko-pytorch-bf16's tokenizer-e351c8d8-checkpoint125.safetensors"
             ) from None
+        self._used = 0
 
     def decode(self, codes: np.ndarray) -> np.ndarray:
-        """Codes (32, T) -> float32 audio (T * 1920,). Resets the streaming state."""
-        return self._mimi.decode(_as_codes(codes))[0, 0]
+        """Codes (32, T) -> float32 audio (T * 1920,), from a fresh streaming state."""
+        chunks = list(self.decode_chunks([codes]))
+        return np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
+
+    def decode_chunks(self, chunks: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
+        """Audio for each chunk of codes (32, T_i) in turn, one streaming state across them all
+        (reset at the start), so the audio joins with no seam and memory stays flat."""
+        self.reset()
+        for codes in chunks:
+            yield self.decode_step(codes)
 
     def decode_step(self, codes: np.ndarray) -> np.ndarray:
         """Codes (32, T) -> audio (T * 1920,), continuing the streaming state."""
         # rustymimi takes one C-contiguous (1, 32, 1) frame per step.
         frames = np.ascontiguousarray(_as_codes(codes).transpose(2, 0, 1)[..., None])
-        return np.concatenate([self._mimi.decode_step(frame)[0, 0] for frame in frames])
+        if not len(frames):
+            return np.zeros(0, np.float32)
+        return np.concatenate([self._decode_frame(frame) for frame in frames])
+
+    def _decode_frame(self, frame: np.ndarray) -> np.ndarray:
+        if self._position == self.stream_frames:
+            self._load()
+            for earlier in self._recent:
+                self._step(earlier)
+            self._position = len(self._recent)
+        self._recent.append(frame)
+        self._position += 1
+        return self._step(frame)[0, 0]
+
+    def _step(self, frame: np.ndarray) -> np.ndarray:
+        self._used += 1
+        return self._mimi.decode_step(frame)
 
     def reset(self) -> None:
-        self._mimi.reset()
+        """A fresh streaming state (a fresh instance once this one has used RELOAD_AFTER positions)."""
+        if self._used >= self.reload_after:
+            self._load()
+        else:
+            self._mimi.reset()
+        self._recent.clear()
+        self._position = 0
 
     def encode(self, audio: np.ndarray) -> np.ndarray:
         """24 kHz mono audio (N,) -> codes (32, ceil(N / 1920)) as int32."""
-        pcm = np.ascontiguousarray(audio, dtype=np.float32).reshape(1, 1, -1)
-        return self._mimi.encode(pcm)[0].astype(np.int32)
+        audio = np.ascontiguousarray(audio, dtype=np.float32).reshape(-1)
+        n_frames = -(-len(audio) // FRAME_SAMPLES)
+        if n_frames <= ONE_PASS_ENCODE_FRAMES:
+            return self._mimi.encode(audio.reshape(1, 1, -1))[0].astype(np.int32)
+        # the one-pass encode pads the last frame with zeros; so does this
+        padded = np.zeros(n_frames * FRAME_SAMPLES, np.float32)
+        padded[: len(audio)] = audio
+        self.reset()
+        self._used += n_frames
+        try:
+            return np.concatenate([
+                self._mimi.encode_step(padded[i * FRAME_SAMPLES : (i + 1) * FRAME_SAMPLES].reshape(1, 1, -1))[0]
+                for i in range(n_frames)
+            ], axis=-1).astype(np.int32)
+        finally:
+            self.reset()
 
 
 def _as_codes(codes: np.ndarray) -> np.ndarray:

@@ -14,7 +14,6 @@ import numpy as np
 
 from .context import fit_context
 from .frames import (
-    FRAME_MS,
     TokenizedSegment,
     audio_rows,
     generate_frames,
@@ -22,6 +21,7 @@ from .frames import (
     seeded_sampler,
     stack_frames,
 )
+from .options import FRAME_MS, check_options, check_text
 from .segment import Segment, Speech, check_speaker
 from .text import chunk_text
 
@@ -43,11 +43,9 @@ def expected_seconds(text: str) -> float:
 
 
 def frame_cap(text: str, max_audio_length_ms: Optional[float]) -> int:
+    """Frames a chunk may take: max_audio_length_ms (checked: at least one frame), else from its length."""
     seconds = max_audio_seconds(text) if max_audio_length_ms is None else max_audio_length_ms / 1000
-    frames = int(seconds * 1000 / FRAME_MS)
-    if frames < 1:
-        raise ValueError(f"max_audio_length_ms must be at least {FRAME_MS} (one frame)")
-    return frames
+    return max(1, int(seconds * 1000 / FRAME_MS))
 
 
 def until_repeats(frames: Iterator[np.ndarray], repeats: Optional[int]) -> Iterator[np.ndarray]:
@@ -125,11 +123,14 @@ class Conversation:
         stop_after_repeats ends it after that many frames with the same codebook-0 code.
         temperature 0 is greedy; top_k, top_p, min_p of 0 are off; seed makes sampling
         repeatable (one seed for the whole text). Bad input fails here, not at the first frame."""
-        if not text or not text.strip():
-            raise ValueError("text is empty: give the words to speak")
-        speaker = check_speaker(speaker)
+        text = check_text(text)
+        options = check_options(speaker=speaker, chunk_chars=chunk_chars, max_audio_length_ms=max_audio_length_ms,
+                                temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed,
+                                stop_after_repeats=stop_after_repeats)
+        speaker, chunk_chars, seed = options.pop("speaker"), options.pop("chunk_chars"), options.pop("seed")
+        max_audio_length_ms, stop_after_repeats = options.pop("max_audio_length_ms"), options.pop("stop_after_repeats")
         chunks = chunk_text(text, chunk_chars) if chunk_chars else [text]
-        sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+        sampling = options
 
         def speak():
             for n, chunk in enumerate(chunks):
@@ -175,19 +176,22 @@ class Conversation:
         return self.csm.speech(stack_frames(list(self.frames(text, speaker, **kwargs))))
 
 
+def fade_ends(audio: np.ndarray, sample_rate: int, fade_ms: float = 5) -> np.ndarray:
+    """A copy of audio with a short fade in and out, so a turn that starts or stops off zero does not click."""
+    audio = np.array(audio, dtype=np.float32)
+    ramp = np.linspace(0.0, 1.0, min(int(sample_rate * fade_ms / 1000), len(audio) // 2), dtype=np.float32)
+    if len(ramp):
+        audio[: len(ramp)] *= ramp
+        audio[len(audio) - len(ramp) :] *= ramp[::-1]
+    return audio
+
+
 def join_turns(turns: Sequence[np.ndarray], sample_rate: int, pause_ms: float = 300, fade_ms: float = 5) -> np.ndarray:
-    """One track from separately decoded turns: a short fade at each turn's ends (no click where
-    a turn starts or stops off zero) and pause_ms of silence between turns."""
-    fade = int(sample_rate * fade_ms / 1000)
+    """One track from separately decoded turns: each faded at its ends, pause_ms of silence between."""
     pause = np.zeros(int(sample_rate * pause_ms / 1000), np.float32)
     parts = []
     for n, audio in enumerate(turns):
-        audio = np.array(audio, dtype=np.float32)
-        ramp = np.linspace(0.0, 1.0, min(fade, len(audio) // 2), dtype=np.float32)
-        if len(ramp):
-            audio[: len(ramp)] *= ramp
-            audio[len(audio) - len(ramp) :] *= ramp[::-1]
-        parts += [pause, audio] if n else [audio]
+        parts += [pause, fade_ends(audio, sample_rate, fade_ms)] if n else [fade_ends(audio, sample_rate, fade_ms)]
     return np.concatenate(parts) if parts else np.zeros(0, np.float32)
 
 
@@ -204,11 +208,13 @@ def read_script(path) -> List[Segment]:
 
     path = Path(path)
     try:
-        content = path.read_text()
+        content = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ScriptError(f"script {path} does not exist") from None
-    except (UnicodeDecodeError, IsADirectoryError) as e:
-        raise ScriptError(f"script {path} is not a text file ({e})") from None
+    except IsADirectoryError:
+        raise ScriptError(f"script {path} is a directory: give a text, JSON or YAML file") from None
+    except UnicodeDecodeError:
+        raise ScriptError(f"script {path} is not UTF-8 text: convert it, e.g. with iconv -t UTF-8") from None
     if path.suffix.lower() in (".json", ".yaml", ".yml"):
         try:
             turns = yaml.safe_load(content)  # YAML is a superset of JSON
@@ -232,13 +238,14 @@ def read_script(path) -> List[Segment]:
             speaker = check_speaker(turn.get("speaker"))
         except ValueError as e:
             raise ScriptError(f"{path}: turn {n}: {e}") from None
-        audio = None
+        audio, source = None, None
         if turn.get("audio"):
+            source = path.parent / str(turn["audio"])
             try:
-                audio = read_audio(path.parent / turn["audio"])
+                audio = read_audio(source)
             except AudioError as e:
                 raise ScriptError(f"{path}: turn {n}: {e}") from None
-        segments.append(Segment(speaker, turn["text"], audio))
+        segments.append(Segment(speaker, turn["text"], audio, source=source))
     if not segments:
         raise ScriptError(f"{path} holds no turns")
     return segments

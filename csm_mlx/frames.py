@@ -1,7 +1,8 @@
 """Prompt rows and the frame loop: backbone -> codebook 0 -> 31 depth-decoder steps -> next frame."""
 
+from collections import OrderedDict
 from dataclasses import dataclass
-from functools import partial
+from functools import lru_cache, partial
 from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import mlx.core as mx
@@ -10,14 +11,14 @@ from mlx_lm.models.cache import BatchKVCache
 from mlx_lm.sample_utils import make_sampler
 
 from .models import Model
-
-# A Mimi codebook has 2048 entries; ids 2048..2050 of the 2051-id audio vocabulary
-# are not audio, so they are never sampled (Mimi would fail on them).
-AUDIO_CODES = 2048
-FRAME_MS = 80
+# ids 2048..2050 of the 2051-id audio vocabulary are not audio (AUDIO_CODES), so they are
+# never sampled: Mimi would fail on them.
+from .options import AUDIO_CODES, check_options
 # Long prompts are prefilled in passes of this many rows: on the CPU backend attention builds the
 # whole score matrix, and passes of 512 rows were 18% faster for 1500 rows, with less memory.
 PREFILL_ROWS = 512
+# sampling settings whose compiled frame decoder a model keeps
+COMPILED_DECODERS = 16
 
 Sampler = Callable[[mx.array], mx.array]
 
@@ -68,16 +69,15 @@ def prompt_rows(
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
+@lru_cache(maxsize=COMPILED_DECODERS)
 def make_frame_sampler(
     temperature: float = 0.9, top_k: int = 50, top_p: float = 0.0, min_p: float = 0.0
 ) -> Sampler:
     """A sampler over the decodable audio ids, used for all codebooks (as the reference does).
 
     temperature 0 is greedy. Filters are mlx-lm's; they expect log-probabilities."""
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if top_k < 0 or not 0 <= top_p <= 1 or not 0 <= min_p <= 1:
-        raise ValueError("top_k must be >= 0 and top_p, min_p within [0, 1]")
+    checked = check_options(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+    temperature, top_k, top_p, min_p = (checked[k] for k in ("temperature", "top_k", "top_p", "min_p"))
     if temperature == 0:
         return lambda logits: mx.argmax(logits[..., :AUDIO_CODES], axis=-1)
     sample = make_sampler(temp=temperature, top_p=top_p, min_p=min_p, top_k=top_k)
@@ -114,9 +114,22 @@ def decode_frame(model: Model, h: mx.array, sampler: Sampler, with_logits: bool 
 def frame_decoder(model: Model, sampler: Sampler, compiled: bool = True, with_logits: bool = False):
     """decode_frame for this model and sampler. Compiled, a frame's 31 depth-decoder steps
     (always the same shapes: the cache starts empty every frame) trace into one graph; the
-    random state is threaded through it, so seeded sampling gives the same codes either way."""
+    random state is threaded through it, so seeded sampling gives the same codes either way.
+
+    Compiling costs ~0.4 s, so the model keeps its last COMPILED_DECODERS compiled decoders,
+    one per sampler (make_frame_sampler gives the same sampler for the same settings)."""
     decode = partial(decode_frame, model, sampler=sampler, with_logits=with_logits)
-    return mx.compile(decode, inputs=mx.random.state, outputs=mx.random.state) if compiled else decode
+    if not compiled:
+        return decode
+    # in the instance's __dict__, not as a Module attribute, which would join the parameter tree
+    kept = model.__dict__.setdefault("_compiled_frame_decoders", OrderedDict())
+    key = (sampler, with_logits)
+    if key not in kept:
+        kept[key] = mx.compile(decode, inputs=mx.random.state, outputs=mx.random.state)
+        if len(kept) > COMPILED_DECODERS:
+            kept.popitem(last=False)
+    kept.move_to_end(key)
+    return kept[key]
 
 
 def prefill(model: Model, x: mx.array, cache: List[Any]) -> mx.array:
@@ -184,6 +197,7 @@ def generate_batch_frames(
     frame = decode(h[:, -1])
     mx.async_eval(frame)
     active = np.ones(len(prompts), bool)
+    next_frame = None
     for i in range(max_frames):
         if i + 1 < max_frames:
             h = model.backbone(model.embed_frames(frame[:, None]), cache)

@@ -53,6 +53,8 @@ def resolve_model(name: str) -> Path:
     path = Path(name).expanduser()
     if path.is_dir():
         return path
-    if path.exists() or _looks_local(name):
+    if path.exists():
+        raise HubError(f"{name} is a file, not a model directory: give the directory that holds config.json")
+    if _looks_local(name):
         raise HubError(f"model directory {name} does not exist")
     return download(name, MODEL_FILES)

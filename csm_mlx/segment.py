@@ -1,9 +1,12 @@
 """What a conversation is made of: turns (segments) in, speech out."""
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
+
+from .options import RULES
 
 
 @dataclass
@@ -11,12 +14,14 @@ class Segment:
     """One turn of a conversation: who spoke, what they said, and (for context) how it sounded.
 
     audio is 24 kHz mono float32; use csm_mlx.audio.read_audio to load any file.
-    A pinned segment (a voice prompt) is never dropped to fit the context window."""
+    A pinned segment (a voice prompt) is never dropped to fit the context window.
+    source is the file the audio was read from, if any (so that no output overwrites it)."""
 
     speaker: int
     text: str
     audio: Optional[np.ndarray] = None
     pinned: bool = False
+    source: Optional[Path] = None
 
 
 @dataclass
@@ -31,6 +36,4 @@ class Speech:
 
 
 def check_speaker(speaker) -> int:
-    if isinstance(speaker, bool) or not isinstance(speaker, (int, np.integer)) or speaker < 0:
-        raise ValueError(f"speaker must be a non-negative integer, got {speaker!r}")
-    return int(speaker)
+    return RULES["speaker"].check("speaker", speaker)

@@ -4,6 +4,7 @@ special tokens, random Mimi weights in the real layout, and a local Hugging Face
 import hashlib
 import math
 import shutil
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -81,6 +82,12 @@ def write_voice(path: Path, seconds: float = 0.5, seed: int = 0) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     sf.write(path, audio.astype(np.float32), 24_000, subtype="PCM_16")
     return path
+
+
+def interruptible() -> None:
+    """preexec_fn for a CLI under test: Ctrl-C reaches it even when the tests run as a background
+    job (which starts with SIGINT ignored, and Python then keeps ignoring it)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def add_to_hub_cache(cache: Path, repo_id: str, files: dict) -> Path:

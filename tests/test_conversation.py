@@ -17,6 +17,8 @@ from csm_mlx.context import ContextError, fit_context
 from csm_mlx.conversation import ScriptError, frame_cap, max_audio_seconds, read_script
 from csm_mlx.text import chunk_text, split_sentences
 
+from speech_fixtures import interruptible
+
 CLI = str(Path(sys.executable).parent / "csm-mlx")
 TURNS = [(0, "Hi there."), (1, "Hello, how are you?"), (0, "Fine, thanks."), (1, "Good to hear.")]
 SHORT = dict(max_audio_length_ms=5 * 80, temperature=0)
@@ -206,7 +208,7 @@ def test_interrupted_dialogue_keeps_finished_turns(hub_cache, tmp_path):
     env = {**os.environ, "HF_HUB_CACHE": str(hub_cache), "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen([CLI, "dialogue", str(tmp_path / "script.txt"), "-o", str(out), "--turns-dir",
                              str(tmp_path / "turns"), "--max-audio-length-ms", "400"],
-                            stderr=subprocess.PIPE, text=True, env=env)
+                            stderr=subprocess.PIPE, text=True, env=env, preexec_fn=interruptible)
     for line in proc.stderr:
         if line.startswith("turn 2/3"):
             break

@@ -55,9 +55,10 @@ def test_mimi_decode_and_stream_match_rustymimi(mimi_path):
     mimi = Mimi(mimi_path)
     audio = mimi.decode(codes)
     assert audio.shape == (5 * 1920,) and audio.dtype == np.float32
-    np.testing.assert_array_equal(audio, rustymimi_decode(mimi_path, codes))
-    mimi.reset()
-    streamed = np.concatenate([mimi.decode_step(codes[:, :2]), mimi.decode_step(codes[:, 2:])])
+    # stepped frame by frame on the streaming state: the one-pass decode to rounding
+    assert np.abs(audio - rustymimi_decode(mimi_path, codes)).max() <= 1e-5
+    # and the same however the frames are grouped (a reset rewinds all but rustymimi's positions: 1e-6)
+    streamed = np.concatenate(list(mimi.decode_chunks([codes[:, :2], codes[:, 2:]])))
     assert np.abs(streamed - audio).max() <= 1e-5
     # the random decoder must depend on the codes, or these comparisons prove little
     assert np.abs(mimi.decode(codes[:, ::-1]) - audio).max() > 0.01
@@ -75,7 +76,7 @@ def test_cli_writes_the_decoded_audio(hub_cache, mimi_path, tmp_path, csm):
 
     speech = csm.generate("Hello", 0, max_audio_length_ms=FRAMES * 80, seed=3)
     assert speech.codes.shape == (32, FRAMES)
-    np.testing.assert_array_equal(audio[:, 0], rustymimi_decode(mimi_path, speech.codes))
+    assert np.abs(audio[:, 0] - rustymimi_decode(mimi_path, speech.codes)).max() <= 1e-5
 
 
 def test_context_audio_any_rate_and_channels(csm, mimi_path, tmp_path):
@@ -265,7 +266,7 @@ def test_batch_bad_input(hub_cache, tmp_path, capsys):
         ([tmp_path / "lines.txt"], "nowhere to put the audio"),
         ([tmp_path / "missing.txt", "-o", out], "missing.txt does not exist"),
         ([tmp_path / "empty.txt", "-o", out], "has no text"),
-        ([tmp_path / "binary.txt", "-o", out], "not a UTF-8 text file"),
+        ([tmp_path / "binary.txt", "-o", out], "is not UTF-8 text"),
         ([tmp_path / "lines.txt", "-o", out, "--batch-size", 0], "--batch-size must be at least 1"),
         ([tmp_path / "lines.txt", "-o", tmp_path / "out.mp3"], "must end in .wav or .flac"),
     ]

@@ -15,6 +15,8 @@ import soundfile as sf
 from csm_mlx import CSM
 from csm_mlx.player import Player
 
+from speech_fixtures import interruptible
+
 CLI = str(Path(sys.executable).parent / "csm-mlx")
 SHARED_ALSA = Path(__file__).parent / "data"
 FRAMES = 12
@@ -50,6 +52,8 @@ PLAY_GENERATED = """
 import sys, numpy as np
 from csm_mlx import CSM
 from csm_mlx.player import Player
+
+from speech_fixtures import interruptible
 chunks = list(CSM.load().stream("Play me back.", 0, max_audio_length_ms=960, seed=0))
 np.save(sys.argv[1], np.concatenate(chunks))
 player = Player(expected_seconds=sum(map(len, chunks)) / 24000)
@@ -146,11 +150,12 @@ def test_cli_play_reports_first_audio_and_underruns(hub_cache, tmp_path):
 def test_ctrl_c_during_playback_keeps_what_was_generated(hub_cache, tmp_path):
     out = tmp_path / "partial.wav"
     proc = subprocess.Popen([CLI, "Hello", "--play", "-o", str(out), "-v", "--max-audio-length-ms", "150000"],
-                            stderr=subprocess.PIPE, text=True, env=alsa_env(tmp_path, capture=False))
+                            stderr=subprocess.PIPE, text=True, env=alsa_env(tmp_path, capture=False),
+                            preexec_fn=interruptible)
     for line in proc.stderr:
-        if "model from" in line:
+        if "first audio after" in line:
             break
-    time.sleep(1.5)
+    time.sleep(0.5)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err

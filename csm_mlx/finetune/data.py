@@ -240,7 +240,7 @@ def prepare(
         audio = []
         for turn in turns:
             try:
-                audio.append(read_audio(turn.audio))
+                audio.append(read_audio(turn.audio, max_seconds=None))  # long clips are cut below
             except AudioError as e:
                 raise DataError(f"{where}: {e}") from None
         if len(turns) == 1:
