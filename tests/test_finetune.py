@@ -2,6 +2,7 @@
 to speech, and one-line errors for bad data."""
 
 import json
+import os
 
 import mlx.core as mx
 import mlx.optimizers as optim
@@ -185,6 +186,10 @@ def test_fine_tuned_on_one_clip_speaks_it(data_dir, original_dir, tokenizer_path
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert config["lora_parameters"]["rank"] == 16 and config["lora_parameters"]["scale"] == 2.0
     assert config["learning_rate"] == 0.002 and (adapter / "0000100_adapters.safetensors").is_file()
+    umask = os.umask(0)
+    os.umask(umask)
+    for written in (adapter / ADAPTER_FILE, adapter / "adapter_config.json", *(data_dir / CACHE_DIR).iterdir()):
+        assert written.stat().st_mode & 0o777 == 0o666 & ~umask, written  # the usual mode, not mkstemp's 0600
 
     mimi = Mimi(mimi_path)
     clip_codes = np.load(next((data_dir / CACHE_DIR).glob("*.npy")))

@@ -7,7 +7,6 @@ the config also records the sizes of the model the adapter was made for.
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, Optional
 
@@ -18,6 +17,7 @@ from mlx_lm.tuner.lora import LoRALinear
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
 from ..models import Model
+from .files import write_atomically
 
 CONFIG_FILE = "adapter_config.json"
 ADAPTER_FILE = "adapters.safetensors"
@@ -88,28 +88,16 @@ def adapter_config(model: Model, fine_tune_type: str, num_layers: int,
     return {**config, **training}
 
 
-def _write_atomically(path: Path, write) -> None:
-    # the same suffix: mx.save_safetensors adds .safetensors to a name without it
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".part{path.suffix}", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_config(adapter_path: os.PathLike, config: Dict[str, Any]) -> None:
     adapter_path = Path(adapter_path)
     adapter_path.mkdir(parents=True, exist_ok=True)
-    _write_atomically(adapter_path / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
+    write_atomically(adapter_path / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
 
 
 def save_adapters(model: Model, path: os.PathLike) -> None:
     """The trained parameters to a .safetensors file, replaced at once (never half-written)."""
     weights = dict(tree_flatten(model.trainable_parameters()))
-    _write_atomically(Path(path), lambda tmp: mx.save_safetensors(tmp, weights, metadata={"format": "mlx"}))
+    write_atomically(Path(path), lambda tmp: mx.save_safetensors(tmp, weights, metadata={"format": "mlx"}))
 
 
 def read_config(adapter_path: os.PathLike) -> Dict[str, Any]:

@@ -15,8 +15,6 @@ than max_clip_seconds is cut at pauses between sentences (see split_at_pauses).
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple
@@ -28,6 +26,7 @@ from ..codec import FRAME_SAMPLES, SAMPLE_RATE, Mimi
 from ..segment import check_speaker
 from ..text import split_sentences
 from ..tokenizer import TextTokenizer
+from .files import write_atomically
 
 log = logging.getLogger("csm_mlx")
 
@@ -204,14 +203,12 @@ class CodeCache:
                 pass  # a damaged cache file is encoded again
         codes = self.mimi.encode(audio)
         self.directory.mkdir(exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=".part", dir=self.directory)
-        try:
-            with os.fdopen(fd, "wb") as f:
+
+        def write(name):
+            with open(name, "xb") as f:
                 np.save(f, codes, allow_pickle=False)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+
+        write_atomically(path, write)
         return codes
 
 
