@@ -30,7 +30,7 @@ from csm_mlx.finetune.adapters import LORA_PARAMETERS, prepare_model
 from csm_mlx.finetune.batches import DEPTH_DECODER_RATIO
 from csm_mlx.finetune.data import Example, TrainingSegment
 from csm_mlx.finetune.trainer import TrainingArgs, train
-from csm_mlx.frames import FRAME_MS
+from csm_mlx.options import FRAME_MS
 from csm_mlx.models import Model, ModelArgs
 
 

@@ -311,3 +311,19 @@ def test_grad_checkpoint_trains_the_same(original_dir, tmp_path):
     for k, v in trained[0].items():
         np.testing.assert_allclose(np.array(trained[1][k]), np.array(v), atol=1e-6, err_msg=k)
     assert np.abs(np.array(trained[0]["backbone.layers.1.mlp.down_proj.lora_b"])).max() > 0
+
+
+def test_conversation_lines_mark_context_turns(data_dir):
+    from csm_mlx.finetune.data import DataError, read_lines
+
+    turn = lambda speaker, train: {"audio": "clips/a.wav", "text": f"Turn of {speaker}.", "speaker": speaker,
+                                   "train": train}
+    bad_line(data_dir, json.dumps({"segments": [turn(1, False), turn(0, True)]}))
+    [(where, turns)] = read_lines(data_dir / "train.jsonl")
+    assert where.endswith("train.jsonl:1") and [(t.speaker, t.train) for t in turns] == [(1, False), (0, True)]
+    bad_line(data_dir, json.dumps({"segments": [turn(1, False)]}))
+    with pytest.raises(DataError, match="train.jsonl:1: every turn is marked"):
+        read_lines(data_dir / "train.jsonl")
+    bad_line(data_dir, json.dumps({"segments": [turn(1, "no")]}))
+    with pytest.raises(DataError, match="train.jsonl:1: turn 1: \"train\" must be true or false"):
+        read_lines(data_dir / "train.jsonl")

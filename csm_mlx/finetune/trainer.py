@@ -20,7 +20,7 @@ from mlx_lm.tuner.trainer import TrainingArgs, grad_checkpoint
 
 from ..models import Model
 from .adapters import save_adapters
-from .batches import iterate_batches
+from .batches import DEPTH_DECODER_RATIO, iterate_batches
 from .data import Example
 
 Batch = Tuple[mx.array, mx.array, mx.array]
@@ -63,7 +63,7 @@ def train(
     train_set: List[Example],
     val_set: Optional[List[Example]] = None,
     args: TrainingArgs = TrainingArgs(),
-    depth_decoder_ratio: float = 1 / 16,
+    depth_decoder_ratio: float = DEPTH_DECODER_RATIO,
     seed: Optional[int] = None,
     loss: Callable = csm_loss,
     batches: Callable = iterate_batches,
@@ -85,7 +85,7 @@ def train(
         grad_checkpoint(model.backbone.layers[0])
     loss_and_grad = nn.value_and_grad(model, loss)
     step, accumulated = 0, None
-    window = dict(terms=mx.zeros(3), steps=0, rows=0, time=0.0)
+    since_report = dict(terms=mx.zeros(3), steps=0, rows=0, time=0.0)
 
     def save(it: int, numbered: bool) -> None:
         save_adapters(model, adapter_file)
@@ -117,16 +117,16 @@ def train(
                 accumulated = None
             mx.eval(model.parameters(), optimizer.state, accumulated, total, backbone, depth)
             step = it
-            window["terms"] = window["terms"] + mx.stack([total, backbone, depth])
-            window["steps"] += 1
-            window["rows"] += rows.item()
-            window["time"] += time.perf_counter() - tic
+            since_report["terms"] = since_report["terms"] + mx.stack([total, backbone, depth])
+            since_report["steps"] += 1
+            since_report["rows"] += rows.item()
+            since_report["time"] += time.perf_counter() - tic
             if it % args.steps_per_report == 0 or it == args.iters:
-                terms = (window["terms"] / window["steps"]).tolist()
+                terms = (since_report["terms"] / since_report["steps"]).tolist()
                 if on_report is not None:
-                    on_report(Report(it, *terms, tokens_per_second=window["rows"] / window["time"],
+                    on_report(Report(it, *terms, tokens_per_second=since_report["rows"] / since_report["time"],
                                      learning_rate=optimizer.learning_rate.item(), peak_memory=mx.get_peak_memory()))
-                window = dict(terms=mx.zeros(3), steps=0, rows=0, time=0.0)
+                since_report = dict(terms=mx.zeros(3), steps=0, rows=0, time=0.0)
             if it % args.steps_per_save == 0:
                 save(it, numbered=True)
     except KeyboardInterrupt:
