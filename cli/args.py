@@ -125,14 +125,14 @@ def speaker_value(value: str):
     return non_negative_int(speaker), rest
 
 
-def add_model_arguments(p: argparse.ArgumentParser, adapter: bool = True) -> None:
+def add_model_arguments(p: argparse.ArgumentParser, adapter: bool = True,
+                        dtype_help: str = "dtype of an unquantized model (default: auto, float32 on a CPU, as stored on a GPU)") -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", default=hub.DEFAULT_MODEL, metavar="ID_OR_DIR",
                    help=f"hub id or directory: original, transformers or converted MLX (default: {hub.DEFAULT_MODEL})")
     g.add_argument("--tokenizer", metavar="PATH", help="path to a Llama-3.2 tokenizer.json (default: beside the model, else the hub)")
     g.add_argument("--mimi", metavar="PATH", help="path to Mimi weights (default: beside the model, else kyutai/moshiko-pytorch-bf16)")
-    g.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
-                   help="dtype of an unquantized model (default: auto, float32 on a CPU, as stored on a GPU)")
+    g.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help=dtype_help)
     if adapter:
         g.add_argument("--adapter-path", metavar="DIR", help="apply the adapter that `csm-mlx finetune` wrote to DIR")
 

@@ -82,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--depth-decoder-ratio", type=float, metavar="R",
                    help="share of the audio frames the depth decoder trains on (default: 1/16; end-of-audio frames always)")
     p.add_argument("--grad-checkpoint", action="store_true", default=None,
-                   help="recompute the backbone's activations in the backward pass: less memory, ~30%% more time")
+                   help="keep only each block's input and recompute the rest in the backward pass: less memory, "
+                        "about one more forward pass of time")
     p.add_argument("--grad-accumulation-steps", type=int, metavar="N", help="steps per optimizer update (default: 1)")
     p.add_argument("--steps-per-report", type=int, metavar="N", help="steps between loss reports (default: 10)")
     p.add_argument("--steps-per-eval", type=int, metavar="N", help="steps between validations (default: 200)")
@@ -92,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, metavar="N", help="seed for LoRA init, batch order and frames (default: 0)")
     p.add_argument("--max-clip-seconds", type=float, metavar="S",
                    help=f"cut longer clips at pauses between sentences (default: {MAX_CLIP_SECONDS:g})")
-    add_model_arguments(p, adapter=False)
+    add_model_arguments(p, adapter=False,
+                        dtype_help="dtype of the weights trained on (default: auto, float32 on a CPU, bfloat16 on a GPU)")
     p.set_defaults(model=None, dtype=None)
     return p
 
