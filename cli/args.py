@@ -133,14 +133,21 @@ def watermark_key(value: str):
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def add_model_arguments(p: argparse.ArgumentParser) -> None:
+def add_model_arguments(p: argparse.ArgumentParser, training: bool = False) -> None:
+    """The model to load; a command that speaks also takes an adapter and the watermark's flags
+    (training writes the adapter, and makes no audio)."""
     g = p.add_argument_group("model")
     g.add_argument("--model", default=hub.DEFAULT_MODEL, metavar="ID_OR_DIR",
                    help=f"hub id or directory: original, transformers or converted MLX (default: {hub.DEFAULT_MODEL})")
     g.add_argument("--tokenizer", metavar="PATH", help="path to a Llama-3.2 tokenizer.json (default: beside the model, else the hub)")
     g.add_argument("--mimi", metavar="PATH", help="path to Mimi weights (default: beside the model, else kyutai/moshiko-pytorch-bf16)")
+    on_gpu = "bfloat16" if training else "as stored"
     g.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
-                   help="dtype of an unquantized model (default: auto, float32 on a CPU, as stored on a GPU)")
+                   help=f"dtype of the {'weights trained on' if training else 'unquantized model'} "
+                        f"(default: auto, float32 on a CPU, {on_gpu} on a GPU)")
+    if training:
+        return
+    g.add_argument("--adapter-path", metavar="DIR", help="apply the adapter that `csm-mlx finetune` wrote to DIR")
     g = p.add_argument_group("watermark (SilentCipher, as the reference marks all CSM speech as AI-generated)")
     g.add_argument("--watermark-key", type=watermark_key, default=PUBLIC_KEY, metavar="B,B,B,B,B",
                    help=f"your own 5-byte key (default: the reference's public key {format_key(PUBLIC_KEY)})")
@@ -206,7 +213,7 @@ def load(args) -> CSM:
     if args.verbose:
         logging.basicConfig(level=logging.INFO, format="csm-mlx: %(message)s")
     logging.getLogger("csm_mlx").info("loading %s", args.model)
-    csm = CSM.load(args.model, tokenizer=args.tokenizer, mimi=args.mimi, dtype=args.dtype,
+    csm = CSM.load(args.model, tokenizer=args.tokenizer, mimi=args.mimi, dtype=args.dtype, adapter_path=args.adapter_path,
                    watermark=not args.no_watermark, watermark_key=args.watermark_key)
     logging.getLogger("csm_mlx").info("model from %s", csm.model_dir)
     return csm

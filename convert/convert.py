@@ -9,6 +9,7 @@ from typing import Optional
 from csm_mlx.checkpoint import DTYPES, CheckpointError, check_quantization, load_model, quantize, save_model
 from csm_mlx.api import MIMI_FILE, TOKENIZER_FILE, WATERMARK_DIR, find_mimi, find_tokenizer, find_watermark
 from csm_mlx.cli.main import guarded
+from csm_mlx.finetune.adapters import AdapterError, fuse, load_adapters
 from csm_mlx.hub import HubError, resolve_model
 from csm_mlx.watermark import CHECKPOINTS, WatermarkError, weights_dir
 
@@ -21,11 +22,13 @@ def convert(
     q_bits: int = 4,
     q_group_size: int = 64,
     bundle: bool = False,
+    adapter_path: Optional[str] = None,
 ) -> Path:
     """Convert hf_path (a directory or hub repo id) into a new MLX directory mlx_path.
 
     bundle also copies the tokenizer, the Mimi weights, the voice prompts and the watermark's
-    weights into it, so that the directory alone serves an offline app."""
+    weights into it, so that the directory alone serves an offline app. adapter_path (a
+    `csm-mlx finetune` output) is fused into the weights first."""
     mlx_path = Path(mlx_path)
     if mlx_path.exists() and (not mlx_path.is_dir() or any(mlx_path.iterdir())):
         raise CheckpointError(f"{mlx_path} already exists: choose a new --mlx-path or remove it first")
@@ -45,7 +48,13 @@ def convert(
         watermark = weights_dir(find_watermark(source))
         extra_files.update({f"{WATERMARK_DIR}/{name}": watermark / name for name in (*CHECKPOINTS.values(), "hparams.yaml")
                             if (watermark / name).is_file()})
-    model, _ = load_model(source, dtype=dtype)
+    if adapter_path is None:
+        model, _ = load_model(source, dtype=dtype)
+    else:
+        # fused in float32, so that the sum is rounded to dtype once
+        model, _ = load_model(source, dtype="float32")
+        fuse(load_adapters(model, adapter_path))
+        model.set_dtype(DTYPES[dtype])
     quantization = None
     if quantize_weights:
         quantize(model, q_bits, q_group_size)
@@ -68,6 +77,8 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument("--bundle", action="store_true",
                         help="also copy the tokenizer, Mimi and watermark weights and voice prompts: a self-contained "
                              "directory")
+    parser.add_argument("--adapter-path", metavar="DIR",
+                        help="fuse the adapter that `csm-mlx finetune` wrote to DIR into the converted model")
     args = parser.parse_args(argv)
     return guarded("csm-mlx-convert", lambda: _run(args))
 
@@ -75,8 +86,8 @@ def main(argv: Optional[list] = None) -> int:
 def _run(args) -> int:
     try:
         out = convert(args.hf_path, args.mlx_path, args.dtype, args.quantize, args.q_bits, args.q_group_size,
-                      args.bundle)
-    except (CheckpointError, HubError, WatermarkError) as e:
+                      args.bundle, args.adapter_path)
+    except (CheckpointError, HubError, WatermarkError, AdapterError) as e:
         print(f"csm-mlx-convert: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:

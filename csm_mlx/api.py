@@ -20,6 +20,7 @@ from .checkpoint import load_model, read_config
 from .codec import FRAME_SAMPLES, SAMPLE_RATE, Mimi
 from .conversation import Conversation, frame_cap
 from .engine import Engine
+from .finetune import adapters
 from .frames import TokenizedSegment, generate_batch, stack_frames
 from .options import check_options, check_text, check_texts
 from .segment import Segment, Speech, check_speaker
@@ -124,6 +125,7 @@ class CSM:
         dtype: Optional[str] = "auto",
         watermark: bool = True,
         watermark_key: Optional[Sequence[int]] = None,
+        adapter_path: Optional[os.PathLike] = None,
     ) -> "CSM":
         """Load a model (hub id, or a directory in original, transformers or MLX format).
 
@@ -135,12 +137,14 @@ class CSM:
         Like the reference, all speech is watermarked (SilentCipher, with the reference's public
         key unless watermark_key gives your own 5 bytes), so that it can be identified as
         AI-generated; its weights come from beside the model, else from the hub. watermark=False
-        turns it off."""
+        turns it off. adapter_path: a directory `csm-mlx finetune` wrote, applied to the model."""
         key = check_key(PUBLIC_KEY if watermark_key is None else watermark_key)
         # the cheap checks first: given paths, then the config, before any download or allocation
         for explicit in (tokenizer, mimi):
             if explicit is not None:
                 _given_file(explicit)
+        if adapter_path is not None:
+            adapters.read_config(adapter_path)
         model_dir = hub.resolve_model(model)
         read_config(model_dir)
         # without its weights nothing may be generated, and they load in a moment
@@ -149,6 +153,8 @@ class CSM:
         csm_model, info = load_model(model_dir, dtype=None if dtype == "auto" else dtype)
         if dtype == "auto" and info["quantization"] is None and mx.default_device().type == mx.cpu:
             csm_model.set_dtype(mx.float32)
+        if adapter_path is not None:
+            adapters.load_adapters(csm_model, adapter_path)
         return cls(csm_model, TextTokenizer(tokenizer_path), Mimi(mimi_path), model_dir, watermarker, key)
 
     def voice(self, name: str, speaker: int = 0) -> Segment:

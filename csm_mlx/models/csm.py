@@ -7,10 +7,11 @@ interleaved pairs, so its q/k rows are permuted once in ``sanitize``.
 """
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx_lm.models import llama
 from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.cache import KVCache
@@ -44,6 +45,9 @@ class TransformerArgs:
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_heads
 
+
+# Label of a code that is not trained (transformers' ignore_index).
+IGNORE = -100
 
 # The original checkpoint's config names flavors only; tests register tiny ones.
 FLAVORS: Dict[str, TransformerArgs] = {
@@ -196,6 +200,33 @@ class Model(nn.Module):
         rest = mx.stack([self.codebook_logits(k, depth_h[:, k]) for k in range(1, K)], axis=1)
         return mx.concatenate([c0_logits[:, :, None], rest.reshape(B, T, K - 1, -1)], axis=2)
 
+    def training_loss(
+        self, tokens: mx.array, mask: mx.array, labels: mx.array
+    ) -> Tuple[mx.array, mx.array, mx.array]:
+        """transformers' CsmForConditionalGeneration loss: (loss, backbone_loss, depth_decoder_loss).
+
+        tokens, mask: (B, S, 33) rows of whole training sequences; labels: (B, S, 32) int32, the
+        codes of each row, -100 where nothing is trained (text rows, padding, codebooks 1..31 of
+        frames left out of the depth decoder's share). The backbone's state at row t is scored
+        on codebook 0 of row t + 1; the depth decoder runs only on the rows whose codebooks
+        1..31 are labelled, after the backbone state of the row before, so its memory follows
+        the trained frames. Both terms are means over their labelled codes, summed unweighted.
+        """
+        h = self.backbone(self.embed_rows(tokens, mask))
+        backbone_loss = _mean_cross_entropy(self.codebook0_head(h[:, :-1]), labels[:, 1:, 0])
+
+        # Which frames the depth decoder trains on depends on the data: find them on the host.
+        batch, row = np.nonzero((np.array(labels[..., 1:]) != IGNORE).any(axis=-1))
+        batch, row = mx.array(batch), mx.array(row)
+        frames = labels[batch, row]
+        # An unlabelled code (-100) before a labelled one still has to be embedded; 0 keeps the
+        # lookup in bounds, and no loss is taken where it is -100.
+        codes = self.audio_embeddings(mx.maximum(frames[:, :-1], 0) + self._codebook_offsets[:-1])
+        depth_h = self.decoder(self.projection(mx.concatenate([h[batch, row - 1][:, None], codes], axis=1)))
+        logits = mx.stack([self.codebook_logits(k, depth_h[:, k]) for k in range(1, frames.shape[-1])], axis=1)
+        depth_loss = _mean_cross_entropy(logits, frames[:, 1:])
+        return backbone_loss + depth_loss, backbone_loss, depth_loss
+
     def sanitize(self, weights: Dict[str, mx.array]) -> Dict[str, mx.array]:
         """Map a checkpoint in either hub format (or already ours) onto this model's keys."""
         if any(k.startswith("backbone_model.") for k in weights):
@@ -207,6 +238,13 @@ class Model(nn.Module):
             for k in range(stacked.shape[0]):
                 weights[f"audio_head.{k}.weight"] = mx.contiguous(stacked[k].T)
         return weights
+
+
+def _mean_cross_entropy(logits: mx.array, targets: mx.array) -> mx.array:
+    """Mean cross-entropy over the targets that are not IGNORE, in float32."""
+    trained = targets != IGNORE
+    ce = nn.losses.cross_entropy(logits.astype(mx.float32), mx.where(trained, targets, 0))
+    return (ce * trained).sum() / trained.sum()
 
 
 _TRANSFORMERS_PREFIXES = [
