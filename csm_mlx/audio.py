@@ -39,15 +39,15 @@ def read_audio(path: os.PathLike, max_seconds: Optional[float] = MAX_CONTEXT_SEC
     A clip longer than max_seconds is refused from its header, before its samples are read."""
     path = Path(path)
     _check_readable(path, "audio file")
-    return _decode(str(path), f"audio file {path}", max_seconds)
+    return _decode(str(path), f"audio file {path}", max_seconds, sample_rate)
 
 
 def decode_audio(data: bytes, name: str = "audio", max_seconds: Optional[float] = MAX_CONTEXT_SECONDS) -> np.ndarray:
     """Audio file bytes (an upload, say) as 24 kHz mono float32, checked as read_audio checks a file."""
-    return _decode(io.BytesIO(data), name, max_seconds)
+    return _decode(io.BytesIO(data), name, max_seconds, SAMPLE_RATE)
 
 
-def _decode(source, name: str, max_seconds: Optional[float]) -> np.ndarray:
+def _decode(source, name: str, max_seconds: Optional[float], sample_rate: int) -> np.ndarray:
     try:
         info = sf.info(source)
         if max_seconds is not None and info.frames > max_seconds * info.samplerate:

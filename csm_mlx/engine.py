@@ -15,6 +15,7 @@ request gets the codes it gets alone.
         ...
 """
 
+import concurrent.futures
 import itertools
 import logging
 import queue
@@ -23,7 +24,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from functools import partial
-from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, TypeVar, Union
 
 import mlx.core as mx
 import numpy as np
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
     from .api import CSM
 
 log = logging.getLogger("csm_mlx")
+T = TypeVar("T")
 
 # Rows of a joining prompt run through the backbone per engine step. Smaller chunks shorten the
 # longest pause a running stream sees while another request is admitted; larger ones admit faster.
@@ -262,6 +264,7 @@ class Engine:
         # model holds (private ones too, such as RoPE frequencies) so the engine thread can use them.
         mx.eval([v for _, m in self.model.named_modules() for v in m.values() if isinstance(v, mx.array)])
         self._inbox: "queue.Queue[Request]" = queue.Queue()
+        self._jobs: "queue.Queue[Tuple[Callable[[], Any], concurrent.futures.Future]]" = queue.Queue()
         self._lock = threading.Lock()
         self._in_flight = 0
         self._closed = False
@@ -327,6 +330,20 @@ class Engine:
         """Mimi codes (32, frames) of one request, waiting for it; arguments as for submit()."""
         return self.submit(text, speaker, context, **options).codes()
 
+    def call(self, fn: Callable[[], T]) -> T:
+        """fn() run on the engine thread between two frames, its result returned here: how other
+        threads get MLX work done (a stream's watermark, say) without touching MLX themselves.
+        The running streams wait while it runs."""
+        if threading.current_thread() is self._thread:
+            return fn()
+        job: concurrent.futures.Future = concurrent.futures.Future()
+        with self._lock:
+            if self._closed:
+                raise EngineError("the engine is closed")
+            self._jobs.put((fn, job))
+        self._wake.set()
+        return job.result()
+
     def close(self) -> None:
         """Stop the engine thread; requests still running end with an EngineError."""
         with self._lock:
@@ -347,14 +364,17 @@ class Engine:
 
     def _loop(self) -> None:
         while True:
-            idle = not self._rows and not self._joining and self._inbox.empty()
+            idle = not self._rows and not self._joining and self._inbox.empty() and self._jobs.empty()
             if self._closed:
                 self._fail_all(EngineError("the engine was closed"))
+                while not self._jobs.empty():
+                    self._jobs.get_nowait()[1].set_exception(EngineError("the engine was closed"))
                 return
             if idle:
                 self._wake.wait()
                 self._wake.clear()
                 continue
+            self._run_jobs()
             try:
                 self._admit()
                 self._drop_cancelled()
@@ -364,6 +384,14 @@ class Engine:
             except Exception as e:  # one failed step must not take the engine down: fail what it held
                 log.exception("engine step failed")
                 self._fail_all(EngineError(f"generation failed: {e}"))
+
+    def _run_jobs(self) -> None:
+        while not self._jobs.empty():
+            fn, job = self._jobs.get_nowait()
+            try:
+                job.set_result(fn())
+            except Exception as e:  # noqa: BLE001 - the caller's failure, raised on the caller's thread
+                job.set_exception(e)
 
     def _fail_all(self, error: BaseException) -> None:
         for row in self._rows + self._joining:

@@ -14,7 +14,7 @@ training mode, as the reference runs it: each clip is normalised with its own st
 import math
 import os
 from pathlib import Path
-from typing import Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Iterable, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -401,8 +401,9 @@ class Watermarker:
         marked = self.encode(soxr.resample(audio, sample_rate, SAMPLE_RATE, quality="HQ"), key)
         return _fit(soxr.resample(marked, SAMPLE_RATE, sample_rate, quality="HQ"), len(audio))
 
-    def stream(self, key: Sequence[int], sample_rate: int = 24_000) -> "StreamWatermarker":
-        return StreamWatermarker(self, key, sample_rate)
+    def stream(self, key: Sequence[int], sample_rate: int = 24_000,
+               run: Callable[[Callable[[], np.ndarray]], np.ndarray] = lambda mark: mark()) -> "StreamWatermarker":
+        return StreamWatermarker(self, key, sample_rate, run)
 
     # detection
 
@@ -512,19 +513,21 @@ class StreamWatermarker:
     one-shot resampling), marked in blocks of one message (21 STFT hops, 43008 samples, 0.975 s;
     the message restarts in each block, which keeps it in step with the stream's own frame grid),
     and resampled back as one stream. Output lags input by up to one block; flush() marks the
-    rest. In total the output has as many samples as the input."""
+    rest. In total the output has as many samples as the input. run(mark) calls mark(), the MLX
+    work, where MLX may run: a server passes its engine's call, so one thread keeps every MLX call."""
 
     BLOCK = MESSAGE_LEN * HOP
 
-    def __init__(self, watermarker: Watermarker, key: Sequence[int], sample_rate: int = 24_000):
-        self.watermarker, self.key = watermarker, check_key(key)
+    def __init__(self, watermarker: Watermarker, key: Sequence[int], sample_rate: int = 24_000,
+                 run: Callable[[Callable[[], np.ndarray]], np.ndarray] = lambda mark: mark()):
+        self.watermarker, self.key, self.run = watermarker, check_key(key), run
         self.up = soxr.ResampleStream(sample_rate, SAMPLE_RATE, 1, dtype="float32", quality="HQ")
         self.down = soxr.ResampleStream(SAMPLE_RATE, sample_rate, 1, dtype="float32", quality="HQ")
         self.pending = np.zeros(0, np.float32)
         self.samples_in = self.samples_out = 0
 
     def _marked(self, blocks: List[np.ndarray], last: bool) -> np.ndarray:
-        marked = [self.watermarker.encode(b, self.key) for b in blocks]
+        marked = [self.run(lambda b=b: self.watermarker.encode(b, self.key)) for b in blocks]
         out = self.down.resample_chunk(np.concatenate(marked) if marked else np.zeros(0, np.float32), last=last)
         self.samples_out += len(out)
         return out

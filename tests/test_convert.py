@@ -8,7 +8,6 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-from safetensors.numpy import save_file
 
 from csm_fixtures import TINY_ARGS, TINY_BACKBONE, TINY_DECODER, write_original
 from csm_mlx import CheckpointError, generate, load_model, prompt_rows

@@ -3,6 +3,7 @@
 import threading
 import time
 
+import mlx.core as mx
 import numpy as np
 import pytest
 
@@ -17,7 +18,7 @@ GREEDY = dict(temperature=0, max_audio_length_ms=FRAMES * 80)
 
 @pytest.fixture(scope="module")
 def csm(hub_cache):
-    return CSM.load()
+    return CSM.load(watermark=False)  # codes only here: the watermark marks audio
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +40,16 @@ def requests(csm):
 
 def solo(csm, text, speaker, context, options):
     return csm.generate(text, speaker, context, **options).codes
+
+
+def test_call_runs_on_the_engine_thread_between_frames(engine):
+    """How a server's audio threads get MLX work done: on the engine's one thread, errors raised back."""
+    running = engine.submit("Keep talking while others call.", 0, temperature=0, max_audio_length_ms=800)
+    assert engine.call(lambda: threading.current_thread().name) == "csm-engine"
+    assert engine.call(lambda: (mx.arange(4) * 2).tolist()) == [0, 2, 4, 6]
+    with pytest.raises(ZeroDivisionError):
+        engine.call(lambda: 1 / 0)
+    assert running.codes().shape == (32, 10)  # the stream ran on around the calls
 
 
 def test_alone_a_request_gets_what_csm_generate_gives(csm, engine):

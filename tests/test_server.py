@@ -33,7 +33,8 @@ GREEDY = {"temperature": 0, "max_audio_length_ms": SHORT}
 
 @pytest.fixture(scope="module")
 def csm(hub_cache):
-    return CSM.load()
+    """Unmarked, so that a response can equal CSM.generate's frames decoded; the watermark has its own test."""
+    return CSM.load(watermark=False)
 
 
 class LiveServer:
@@ -122,6 +123,26 @@ def test_every_format_streams_the_audio_csm_generate_gives(csm, live):
     # mp3 is the default format, as LibreChat expects
     default = client.audio.speech.create(model="tts-1", voice="alloy", input="Hello from the server.", extra_body=GREEDY)
     assert default.content[:1] == b"\xff" and len(decode(default.content)) >= len(expected)
+
+
+def test_a_watermarked_model_marks_every_response_as_its_stream_does(csm, tmp_path):
+    """Marked in blocks of one message, as CSM.stream marks, with the MLX work on the engine's
+    thread. The reference marks the unmarked response's audio in one go with the same key."""
+    marked_csm = CSM.load(watermark_key=[1, 2, 3, 4, 5])
+    server = LiveServer(marked_csm, tmp_path)
+    try:
+        assert httpx.get(server.url + "/health").json()["watermark"] is True
+        text = "A marked response that runs past one watermark block."
+        options = {**GREEDY, "max_audio_length_ms": 1600}
+        got = pcm16(speak(server.client(), "pcm", text=text, **options)).astype(np.int32)
+    finally:
+        server.stop()
+    plain = reference(csm, text, max_audio_length_ms=1600)
+    marker = marked_csm.watermarker.stream([1, 2, 3, 4, 5])
+    expected = np.concatenate([marker.feed(plain), marker.flush()])
+    assert len(got) == len(plain) == 20 * 1920
+    assert np.abs(got - to_pcm16(expected)).max() <= 1  # float rounding of the resamplers
+    assert np.abs(got - to_pcm16(plain)).max() > 1  # and marked it is
 
 
 def test_sse_deltas_join_to_the_same_audio(live):
@@ -315,13 +336,13 @@ class FailAfter:
     def __init__(self, blocks):
         self.blocks = blocks
 
-    def process(self, audio):
+    def feed(self, audio):
         self.blocks -= 1
         if self.blocks < 0:
             raise RuntimeError("transform broke")
         return audio
 
-    def finish(self):
+    def flush(self):
         return np.zeros(0, np.float32)
 
 

@@ -213,7 +213,7 @@ def create_app(server: Server) -> FastAPI:
     @app.get("/health")
     async def health():
         return {"status": "ok", "active": server.engine.active, "waiting": server.engine.waiting,
-                "max_batch": server.engine.max_batch}
+                "max_batch": server.engine.max_batch, "watermark": server.csm.watermarker is not None}
 
     def models():
         created = int(time.time())
@@ -388,7 +388,12 @@ class Guard:
 
 def build_app(csm: CSM, engine: Engine, voices_dir, *, api_key: Optional[str] = None, model_name: str = "csm-1b",
               transform: Optional[Callable[[], AudioTransform]] = None):
-    """The ASGI app to serve: the routes behind the guard."""
+    """The ASGI app to serve: the routes behind the guard. Unless transform says otherwise, a
+    model loaded with its watermark marks every response as CSM.stream does (blocks of one
+    message), the marking run on the engine's thread."""
+    if transform is None and csm.watermarker is not None:
+        def transform():
+            return csm.watermarker.stream(csm.watermark_key, csm.sample_rate, run=engine.call)
     pool = MimiPool(csm.mimi.path)
     voices = VoiceStore(voices_dir, pool, lambda name: csm.voice(name).audio)
     return Guard(create_app(Server(csm, engine, voices, pool, model_name, transform)), api_key)

@@ -16,12 +16,12 @@ log = logging.getLogger("csm_mlx.server")
 
 
 class AudioTransform(Protocol):
-    """A transform of the response's audio in blocks of its choosing (a watermark, say): process()
-    may hold audio back and return it later; finish() returns what it still holds."""
+    """A transform of the response's audio in blocks of its choosing (the watermark's
+    StreamWatermarker): feed() may hold audio back and return it later; flush() returns the rest."""
 
-    def process(self, audio: np.ndarray) -> np.ndarray: ...
+    def feed(self, audio: np.ndarray) -> np.ndarray: ...
 
-    def finish(self) -> np.ndarray: ...
+    def flush(self) -> np.ndarray: ...
 
 
 def run_audio(request: Request, pool: MimiPool, fmt: str, speed: float,
@@ -39,13 +39,13 @@ def run_audio(request: Request, pool: MimiPool, fmt: str, speed: float,
                     if tempo is not None:
                         audio = tempo.process(audio)
                     if transform is not None:
-                        audio = transform.process(audio)
+                        audio = transform.feed(audio)
                     data = encoder.encode(audio)
                     if data:
                         emit("data", data)
             tail = tempo.finish() if tempo is not None else np.zeros(0, np.float32)
             if transform is not None:
-                tail = np.concatenate([transform.process(tail), transform.finish()])
+                tail = np.concatenate([transform.feed(tail), transform.flush()])
             data = encoder.encode(tail) + encoder.finish()
             if data:
                 emit("data", data)
