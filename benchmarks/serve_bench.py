@@ -122,6 +122,22 @@ def admission_gap(client, voice, seconds: float):
             "admitted_after": b["chunks"][0][0] - b["sent"]}
 
 
+def engine_alone(csm: CSM, voice: Segment, clients, seconds: float):
+    """The same N requests submitted straight to an engine: no HTTP, no Mimi decoding, no encoders.
+    What batching alone gives, to set beside what the server gets on the same machine."""
+    context = [csm.tokenize(voice)]
+    rows = []
+    with csm.engine(max(clients), max_queue=64) as engine:
+        engine.generate(TEXTS[0], 0, context, max_audio_length_ms=320)  # warm-up
+        for n in clients:
+            start = time.perf_counter()
+            requests = [engine.submit(TEXTS[i % len(TEXTS)], 0, context, temperature=0.9, seed=i,
+                                      max_audio_length_ms=seconds * 1000) for i in range(n)]
+            frames = sum(r.codes().shape[1] for r in requests)
+            rows.append({"clients": n, "audio_s_per_s": frames * 0.08 / (time.perf_counter() - start)})
+    return rows
+
+
 def play_first_audio(csm: CSM, clip: np.ndarray, seconds: float) -> float:
     """Time to the first chunk of CSM.stream: what `csm-mlx --play` reports as first audio
     (the second of two runs, as the server's is timed after a warm-up)."""
@@ -162,6 +178,7 @@ def main():
     finally:
         server.stop()
     play = play_first_audio(csm, clip, args.seconds)
+    alone = engine_alone(csm, Segment(0, VOICE_TEXT, clip, pinned=True), args.clients, args.seconds)
     base = next((r["audio_s_per_s"] for r in rows if r["clients"] == 1), None)
     print("| clients | audio s | wall s | audio s/s | x 1 client | RTF mean / max | first audio p50 / p95 (s) |")
     print("|---|---|---|---|---|---|---|")
@@ -169,14 +186,19 @@ def main():
         ratio = f"{r['audio_s_per_s'] / base:.2f}" if base else "-"
         print(f"| {r['clients']} | {r['audio_s']:.1f} | {r['wall_s']:.1f} | {r['audio_s_per_s']:.3f} | {ratio} | "
               f"{r['rtf_mean']:.2f} / {r['rtf_max']:.2f} | {r['ttfa_p50']:.2f} / {r['ttfa_p95']:.2f} |")
-    print(f"\nadmitting a second request: longest gap of the running stream {gap['gap_max_admitting']:.2f} s "
+    one = alone[0]["audio_s_per_s"] if alone[0]["clients"] == 1 else None
+    print("\nthe engine alone (no HTTP, no Mimi): " + ", ".join(
+        f"{r['clients']} requests {r['audio_s_per_s']:.3f} audio s/s" + (f" ({r['audio_s_per_s'] / one:.2f}x)" if one else "")
+        for r in alone))
+    print(f"admitting a second request: longest gap of the running stream {gap['gap_max_admitting']:.2f} s "
           f"(median gap {gap['gap_median']:.2f} s); the new one's first audio after {gap['admitted_after']:.2f} s")
     print(f"CSM.stream first audio (csm-mlx --play) on the same prompt: {play:.2f} s")
     peak = {"mlx_peak_gb": mx.get_peak_memory() / 1e9, "max_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6}
     print(f"peak memory: MLX {peak['mlx_peak_gb']:.2f} GB, process max RSS {peak['max_rss_gb']:.2f} GB")
     if args.json:
         Path(args.json).write_text(json.dumps({"size": args.size, "seconds": args.seconds, "rows": rows,
-                                               "admission": gap, "play_first_audio_s": play, **peak}, indent=1))
+                                               "admission": gap, "play_first_audio_s": play,
+                                               "engine_alone": alone, **peak}, indent=1))
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from mlx.utils import tree_flatten
 from csm_fixtures import TINY_ARGS, random_original_state, write_original
 from speech_fixtures import write_voice
 from csm_mlx import CSM, load_model
+from csm_mlx.audio import read_audio
 from csm_mlx.cli.main import main as cli_main
 from csm_mlx.codec import Mimi
 from csm_mlx.convert import convert
@@ -171,7 +172,7 @@ def model_flags(original_dir, tokenizer_path, mimi_path):
     return ["--model", str(original_dir), "--tokenizer", str(tokenizer_path), "--mimi", str(mimi_path)]
 
 
-def test_fine_tuned_on_one_clip_speaks_it(data_dir, original_dir, tokenizer_path, mimi_path, tmp_path, capsys):
+def test_fine_tuned_on_one_clip_speaks_it(hub_cache, data_dir, original_dir, tokenizer_path, mimi_path, tmp_path, capsys):
     """The whole path: a folder with a clip and train.jsonl -> csm-mlx finetune -> the adapter in
     CSM.load and csm-mlx -> greedy generation gives the clip's codes, then its end of speech."""
     flags = model_flags(original_dir, tokenizer_path, mimi_path)
@@ -193,7 +194,6 @@ def test_fine_tuned_on_one_clip_speaks_it(data_dir, original_dir, tokenizer_path
 
     mimi = Mimi(mimi_path)
     clip_codes = np.load(next((data_dir / CACHE_DIR).glob("*.npy")))
-    from csm_mlx.audio import read_audio
     np.testing.assert_array_equal(clip_codes, mimi.encode(read_audio(data_dir / "clips" / "a.wav")))
 
     csm = CSM.load(str(original_dir), tokenizer=tokenizer_path, mimi=mimi_path, adapter_path=adapter)
@@ -201,7 +201,8 @@ def test_fine_tuned_on_one_clip_speaks_it(data_dir, original_dir, tokenizer_path
     np.testing.assert_array_equal(speech.codes, clip_codes)
 
     out = tmp_path / "out.wav"
-    assert cli_main([TEXT, "-o", str(out), "--temperature", "0", "--adapter-path", str(adapter), "-q", *flags]) == 0
+    assert cli_main([TEXT, "-o", str(out), "--temperature", "0", "--adapter-path", str(adapter), "-q",
+                     "--no-watermark", *flags]) == 0  # unmarked, to compare with the clip's decoded codes
     np.testing.assert_array_equal(sf.read(out, dtype="float32")[0], mimi.decode(clip_codes))
 
 
