@@ -38,6 +38,7 @@ FEW_ROWS = 64
 
 def few_row_linear():
     """The Linear class for few-row products on MKL (imported late: mlx must load after MKL)."""
+    import mlx.core as mx
     import mlx.nn as nn
 
     class FewRowLinear(nn.Linear):
@@ -51,7 +52,9 @@ def few_row_linear():
             rows = x.size // x.shape[-1]
             if not 2 <= rows <= FEW_ROWS:
                 return super().__call__(x)
-            y = (self.weight @ x.reshape(rows, x.shape[-1]).T).T.reshape(*x.shape[:-1], self.weight.shape[0])
+            # row-major again, so what follows sees the layout nn.Linear gives (and sums as it would)
+            y = mx.contiguous((self.weight @ x.reshape(rows, x.shape[-1]).T).T)
+            y = y.reshape(*x.shape[:-1], self.weight.shape[0])
             return y + self["bias"] if "bias" in self else y
 
     return FewRowLinear
