@@ -8,6 +8,7 @@ Set CSM_MLX_BLAS=reference to keep the bundled BLAS. Apple and CUDA backends are
 """
 
 import ctypes
+import functools
 import glob
 import os
 import sys
@@ -36,6 +37,7 @@ FAST_BLAS = load_fast_blas()
 FEW_ROWS = 64
 
 
+@functools.lru_cache(maxsize=None)
 def few_row_linear():
     """The Linear class for few-row products on MKL (imported late: mlx must load after MKL)."""
     import mlx.core as mx
@@ -45,8 +47,9 @@ def few_row_linear():
         """nn.Linear that computes a product of 2 to FEW_ROWS rows as (W @ x.T).T. MKL's sgemm
         takes x @ W.T with a few rows at close to one matrix-vector product per row (a batch of
         4 costs ~3.7x one row), and W @ x.T, a few columns, at ~1.6x: the weights are read
-        once for all rows, which is what batching concurrent streams is for. Same parameters,
-        same results up to the order of the sums."""
+        once for all rows, which is what batching concurrent streams is for (with MKL's two
+        threads; one thread gains nothing). Same parameters, same results up to the order of
+        the sums."""
 
         def __call__(self, x):
             rows = x.size // x.shape[-1]
