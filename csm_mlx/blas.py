@@ -1,4 +1,5 @@
-"""A fast BLAS for MLX's CPU backend on Linux.
+"""Fast products for MLX's CPU backend on Linux: MKL in place of the bundled BLAS, and a kernel
+for the few-row products of a frame.
 
 MLX's Linux CPU wheel carries the reference (netlib) BLAS: ~5 GB/s for the matrix-vector
 products that dominate a frame. Intel MKL (the `mkl` wheel, a default dependency on Linux
@@ -12,6 +13,7 @@ import functools
 import glob
 import os
 import sys
+from importlib.metadata import version
 from typing import Optional
 
 
@@ -33,30 +35,55 @@ def load_fast_blas() -> Optional[str]:
 FAST_BLAS = load_fast_blas()
 
 
-# Products of this many rows (2 up to it) run transposed: see FewRowLinear.
+# Products of this many rows (2 up to it) run transposed on MKL: see FewRowLinear.
 FEW_ROWS = 64
 
 
 @functools.lru_cache(maxsize=None)
+def few_row_kernel():
+    """csm_mlx._few_rows.few_row_matmul when it can run here, else None: it must have been built
+    (Linux; setup.py) against the very MLX that is loaded, and the CPU must run it. Set
+    CSM_MLX_FEW_ROWS=blas to leave few-row products to the BLAS."""
+    if os.environ.get("CSM_MLX_FEW_ROWS") == "blas":
+        return None
+    import mlx.core  # noqa: F401  (loads libmlx, which the kernel links to)
+
+    try:
+        from . import _few_rows
+    except ImportError:
+        return None
+    if _few_rows.MLX_VERSION != version("mlx") or not _few_rows.supported():
+        return None
+    return _few_rows.few_row_matmul
+
+
+@functools.lru_cache(maxsize=None)
 def few_row_linear():
-    """The Linear class for few-row products on MKL (imported late: mlx must load after MKL)."""
+    """The Linear class for few-row products on the CPU (imported late: mlx must load after MKL)."""
     import mlx.core as mx
     import mlx.nn as nn
 
+    kernel = few_row_kernel()
+
     class FewRowLinear(nn.Linear):
-        """nn.Linear that computes a product of 2 to FEW_ROWS rows as (W @ x.T).T. MKL's sgemm
-        takes x @ W.T with a few rows at close to one matrix-vector product per row (a batch of
-        4 costs ~3.7x one row), and W @ x.T, a few columns, at ~1.6x: the weights are read
-        once for all rows, which is what batching concurrent streams is for (with MKL's two
-        threads; one thread gains nothing). Same parameters, same results up to the order of
-        the sums."""
+        """nn.Linear for the products of a frame, 1 to 8 rows (one per stream of a batch).
+
+        With csm_mlx's kernel (csm_mlx/few_rows.cpp) they read the weights once for all rows at
+        the memory's bandwidth, and every row gets the same numbers whatever its batch. Else, on
+        MKL, 2 to FEW_ROWS rows run as (W @ x.T).T: MKL's sgemm takes x @ W.T with a few rows at
+        close to one matrix-vector product per row (4 rows cost ~3.7x one), and W @ x.T at
+        ~1.6x with MKL's two threads. Same parameters, same results up to the order of the sums."""
 
         def __call__(self, x):
             rows = x.size // x.shape[-1]
-            if not 2 <= rows <= FEW_ROWS:
+            flat = x.reshape(rows, x.shape[-1])
+            if kernel is not None and rows <= 8 and x.dtype == self.weight.dtype == mx.float32:
+                y = kernel(flat, self.weight)
+            elif FAST_BLAS is not None and 2 <= rows <= FEW_ROWS:
+                # row-major again, so what follows sees the layout nn.Linear gives (and sums as it would)
+                y = mx.contiguous((self.weight @ flat.T).T)
+            else:
                 return super().__call__(x)
-            # row-major again, so what follows sees the layout nn.Linear gives (and sums as it would)
-            y = mx.contiguous((self.weight @ x.reshape(rows, x.shape[-1]).T).T)
             y = y.reshape(*x.shape[:-1], self.weight.shape[0])
             return y + self["bias"] if "bias" in self else y
 
@@ -64,13 +91,13 @@ def few_row_linear():
 
 
 def use_few_row_products(model) -> None:
-    """On the CPU backend with MKL loaded, make model's plain Linear layers FewRowLinear
-    (quantized and other layers are left as they are); elsewhere nothing changes."""
+    """On the CPU backend with the few-row kernel or MKL, make model's plain Linear layers
+    FewRowLinear (quantized and other layers are left as they are); elsewhere nothing changes."""
     import mlx.core as mx
     import mlx.nn as nn
     from mlx.utils import tree_map
 
-    if FAST_BLAS is None or mx.default_device().type != mx.cpu:
+    if mx.default_device().type != mx.cpu or (FAST_BLAS is None and few_row_kernel() is None):
         return
     cls = few_row_linear()
 
