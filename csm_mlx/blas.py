@@ -37,6 +37,8 @@ FAST_BLAS = load_fast_blas()
 
 # Products of this many rows (2 up to it) run transposed on MKL: see FewRowLinear.
 FEW_ROWS = 64
+# ... and up to this many on the kernel, in one pass over the weights (MAX_ROWS in few_rows.cpp).
+KERNEL_ROWS = 8
 
 
 @functools.lru_cache(maxsize=None)
@@ -77,7 +79,7 @@ def few_row_linear():
         def __call__(self, x):
             rows = x.size // x.shape[-1]
             flat = x.reshape(rows, x.shape[-1])
-            if kernel is not None and rows <= 8 and x.dtype == self.weight.dtype == mx.float32:
+            if kernel is not None and rows <= KERNEL_ROWS and x.dtype == self.weight.dtype == mx.float32:
                 y = kernel(flat, self.weight)
             elif FAST_BLAS is not None and 2 <= rows <= FEW_ROWS:
                 # row-major again, so what follows sees the layout nn.Linear gives (and sums as it would)
