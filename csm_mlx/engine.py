@@ -2,8 +2,9 @@
 
 One thread owns every MLX call (Metal is not thread-safe and MLX streams are per thread). Requests
 are submitted from any thread and iterated from any thread; the engine thread admits them at frame
-boundaries, prefills each joining prompt in chunks between decode steps (so running streams never
-wait for a whole long prefill), then runs one backbone step and one depth-decoder pass over all
+boundaries, prefills the joining prompts together in chunks between decode steps (so requests
+that arrive together join at the same step, and running streams never wait for a whole long
+prefill), then runs one backbone step and one depth-decoder pass over all
 active rows per frame. A row leaves at its own end of speech, frame cap, repeat stop or
 cancellation. Each row keeps its own sampling settings and its own random key, so a seeded request
 gives the same frames alone or beside others, and the same frames CSM.generate gives; greedy, every
@@ -22,13 +23,14 @@ import queue
 import secrets
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, TypeVar, Union
 
 import mlx.core as mx
 import numpy as np
-from mlx_lm.models.cache import BatchKVCache
+from mlx_lm.models.cache import BatchKVCache, KVCache
 
 from .context import fit_context
 from .conversation import frame_cap
@@ -46,6 +48,9 @@ T = TypeVar("T")
 # Rows of a joining prompt run through the backbone per engine step. Smaller chunks shorten the
 # longest pause a running stream sees while another request is admitted; larger ones admit faster.
 PREFILL_CHUNK = 64
+# Rows of context (a voice prompt, earlier turns) whose backbone cache the engine keeps for the
+# next request with the same context: ~130 KB per row for csm-1b in float32, so ~540 MB.
+PREFIX_CACHE_ROWS = 4096
 
 
 class EngineError(RuntimeError):
@@ -81,6 +86,7 @@ class Request:
         self.seed = seed if seed is not None else secrets.randbits(63)
         self.stop_after_repeats = stop_after_repeats
         self.frames = 0  # frames delivered so far
+        self.prefilled_rows: List[int] = []  # rows run through the backbone before each chunk's first frame
         self.text_tokens = sum(len(c.text_tokens) for c in chunks)
         self.submitted = time.perf_counter()
         self.first_frame: Optional[float] = None  # perf_counter time of the first frame
@@ -148,7 +154,8 @@ class _Row:
     produced: List[np.ndarray] = field(default_factory=list)  # frames of the current chunk, incl. a stop frame
     kept: List[np.ndarray] = field(default_factory=list)  # frames of the current chunk that were delivered
     run: int = 0  # frames in a row with the same codebook-0 code
-    prefilled_rows: int = 0
+    prefix_key: Optional[Tuple[bytes, bytes]] = None  # its context's rows, while its cache may come from or go to the store
+    context: Optional[int] = None  # rows of its context, while its cache is to be kept at their end
 
 
 def _common_prefix(a: Tuple[np.ndarray, np.ndarray], b: Tuple[np.ndarray, np.ndarray]) -> int:
@@ -247,9 +254,13 @@ class Engine:
     """Continuous batching over one CSM model; see the module docstring.
 
     max_batch rows generate (or prefill) at once; up to max_queue more requests wait; beyond
-    that submit() raises EngineFull. prefill_chunk is the rows of a joining prompt run per step."""
+    that submit() raises EngineFull. prefill_chunk is the rows of a joining prompt run per step.
+    The backbone cache of a request's context (up to prefix_cache_rows rows in all, the most
+    recently used kept) is reused by the next request with the same context: a server's voice
+    prompt is prefilled once, and each request after it runs only its own text."""
 
-    def __init__(self, csm: "CSM", max_batch: int = 8, max_queue: int = 32, prefill_chunk: int = PREFILL_CHUNK):
+    def __init__(self, csm: "CSM", max_batch: int = 8, max_queue: int = 32, prefill_chunk: int = PREFILL_CHUNK,
+                 prefix_cache_rows: int = PREFIX_CACHE_ROWS):
         self.csm = csm
         self.model = csm.model
         self.max_batch = check_options(batch_size=max_batch)["batch_size"]
@@ -257,6 +268,9 @@ class Engine:
             raise ValueError(f"max_queue must be a whole number >= 0, got {max_queue!r}")
         if not isinstance(prefill_chunk, int) or prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be a whole number >= 1, got {prefill_chunk!r}")
+        if not isinstance(prefix_cache_rows, int) or prefix_cache_rows < 0:
+            raise ValueError(f"prefix_cache_rows must be a whole number >= 0, got {prefix_cache_rows!r}")
+        self.prefix_cache_rows = prefix_cache_rows
         self.max_queue = max_queue
         self.prefill_chunk = prefill_chunk
         self.window = self.model.args.backbone.max_seq_len
@@ -275,6 +289,8 @@ class Engine:
         self._joining: List[_Row] = []  # admitted, prefilling (in order) or prefilled
         self._cache: Optional[List[BatchKVCache]] = None
         self._last: Optional[mx.array] = None  # (B, 32) the batch's last frames
+        # context rows (tokens, mask bytes) -> their backbone cache, least recently used first
+        self._prefixes: "OrderedDict[Tuple[bytes, bytes], List[KVCache]]" = OrderedDict()
         self.steps = 0
         # MLX streams are per thread: the engine thread does all of the engine's work on its own
         self._stream = mx.new_thread_local_stream(mx.default_device())
@@ -426,13 +442,15 @@ class Engine:
 
     def _start_chunk(self, row: _Row) -> None:
         """The next chunk's prompt: the history that fits, then its text. Rows its cache already
-        holds (the chunk before, as CSM.generate's conversation keeps them) are not prefilled again."""
+        holds (the chunk before, as CSM.generate's conversation keeps them, or the same context
+        of an earlier request) are not prefilled again."""
         chunk = row.request.chunks[row.chunk]
         history = row.request.history
         keep = fit_context([s.rows for s in history], [s.pinned for s in history],
                            len(chunk.text_tokens) + chunk.max_frames, self.window)
         rows = prompt_rows([history[i] for i in keep], chunk.text_tokens, self.model.args.audio_num_codebooks)
-        cached = 0
+        context = len(rows[0]) - len(chunk.text_tokens)
+        cached, row.context, row.prefix_key = 0, None, None
         if row.cache is not None:
             # at least one new row must run through the backbone to predict the first frame
             cached = min(_common_prefix(row.cached, rows), len(rows[0]) - 1)
@@ -440,27 +458,88 @@ class Engine:
                 layer.trim(layer.size() - cached)
         else:
             row.cache = [BatchKVCache([0]) for _ in self.model.backbone.layers]
+            if 0 < context <= self.prefix_cache_rows:
+                row.prefix_key = (rows[0][:context].tobytes(), rows[1][:context].tobytes())
         row.prompt, row.pending, row.h = rows, (rows[0][cached:], rows[1][cached:]), None
         row.produced, row.kept, row.run = [], [], 0
-        row.prefilled_rows = len(rows[0]) - cached
+        row.request.prefilled_rows.append(len(rows[0]) - cached)
+
+    def _take_prefix(self, row: _Row) -> bool:
+        """Whether the row can prefill now. Its context's cache, when stored, replaces the
+        context's rows; while another joining row prefills the same context, the row waits for it
+        (requests with one voice arriving together run it once); else the row keeps its own."""
+        key = row.prefix_key
+        if key is None or row.context is not None:
+            return True
+        if key in self._prefixes:
+            self._prefixes.move_to_end(key)
+            context = self._prefixes[key][0].offset
+            row.cache = [BatchKVCache.merge([layer]) for layer in self._prefixes[key]]
+            row.pending = (row.pending[0][context:], row.pending[1][context:])
+            row.request.prefilled_rows[-1] -= context
+            row.prefix_key = None
+            return True
+        if any(other.prefix_key == key and other.context is not None for other in self._joining):
+            return False
+        row.context = len(row.prompt[0]) - len(row.request.chunks[row.chunk].text_tokens)
+        return True
+
+    def _keep_prefix(self, row: _Row) -> None:
+        """Keep the row's cache as it stands, at the end of its context, for later requests."""
+        rows = row.prompt[0][: row.context], row.prompt[1][: row.context]
+        layers = [layer.extract(0) for layer in row.cache]
+        mx.eval([(layer.keys, layer.values) for layer in layers])
+        self._prefixes[(rows[0].tobytes(), rows[1].tobytes())] = layers
+        total = sum(layers[0].offset for layers in self._prefixes.values())
+        while total > self.prefix_cache_rows:
+            _, dropped = self._prefixes.popitem(last=False)
+            total -= dropped[0].offset
+        row.context, row.prefix_key = None, None
 
     def _prefill(self) -> None:
-        """One chunk of the first joining prompt that still has rows to run."""
-        row = next((r for r in self._joining if r.pending is not None), None)
-        if row is None:
-            return
-        tokens, mask = row.pending
+        """One backbone pass over the joining prompts that still have rows to run: each runs its
+        next rows, the shorter right-padded (as mlx-lm's BatchGenerator pads prompts), up to a
+        budget of rows in all, so requests that arrive together join the batch at the same step."""
         # alone, in the passes CSM.generate makes (the same numbers); beside running rows, in short chunks
-        n = self.prefill_chunk if self._rows else PREFILL_ROWS
-        x = self.model.embed_rows(mx.array(tokens[None, :n]), mx.array(mask[None, :n]))
-        h = self.model.backbone(x, row.cache)
-        if n < len(tokens):
-            mx.eval([c.state for c in row.cache])
-            row.pending = (tokens[n:], mask[n:])
-        else:
-            row.h = h[:, -1]
-            mx.eval(row.h, [c.state for c in row.cache])
-            row.pending = None
+        budget = self.prefill_chunk if self._rows else PREFILL_ROWS
+        group: List[_Row] = []
+        counts: List[int] = []
+        for row in self._joining:
+            if row.pending is None or not self._take_prefix(row):
+                continue
+            n = min(len(row.pending[0]), budget)
+            if row.context is not None:  # stop at the end of the context, to keep its cache
+                n = min(n, row.context - (len(row.prompt[0]) - len(row.pending[0])))
+            if group and (len(group) + 1) * max(counts + [n]) > budget:
+                if (len(group) + 1) * max(counts) > budget:
+                    break
+                n = min(n, max(counts))  # no wider than the rows already in the pass
+            group.append(row)
+            counts.append(n)
+        if not group:
+            return
+        width = max(counts)
+        tokens = np.zeros((len(group), width) + group[0].pending[0].shape[1:], group[0].pending[0].dtype)
+        mask = np.zeros((len(group), width) + group[0].pending[1].shape[1:], group[0].pending[1].dtype)
+        for i, (row, n) in enumerate(zip(group, counts)):
+            tokens[i, :n], mask[i, :n] = row.pending[0][:n], row.pending[1][:n]
+        cache = _merge([row.cache for row in group])
+        padding = [width - n for n in counts]
+        for layer in cache:
+            layer.prepare(right_padding=padding)
+        h = self.model.backbone(self.model.embed_rows(mx.array(tokens), mx.array(mask)), cache)
+        for layer in cache:
+            layer.finalize()
+        for i, (row, n) in enumerate(zip(group, counts)):
+            if len(group) > 1:
+                row.cache = [BatchKVCache.merge([layer.extract(i)]) for layer in cache]
+            if row.context == len(row.prompt[0]) - len(row.pending[0]) + n:
+                self._keep_prefix(row)
+            if n < len(row.pending[0]):
+                row.pending = (row.pending[0][n:], row.pending[1][n:])
+            else:
+                row.h, row.pending = h[i : i + 1, n - 1], None
+        mx.eval([row.h for row in group if row.h is not None], [c.state for row in group for c in row.cache])
 
     def _decoder(self, filters: _Filters):
         if filters not in self._compiled:

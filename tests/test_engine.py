@@ -1,5 +1,6 @@
 """The continuous-batching engine: requests that share steps get the frames they get alone."""
 
+import contextlib
 import threading
 import time
 
@@ -40,6 +41,20 @@ def requests(csm):
 
 def solo(csm, text, speaker, context, options):
     return csm.generate(text, speaker, context, **options).codes
+
+
+@contextlib.contextmanager
+def held(engine):
+    """The engine thread waits between two frames: requests submitted meanwhile arrive together."""
+    holding, release = threading.Event(), threading.Event()
+    thread = threading.Thread(target=engine.call, args=(lambda: holding.set() or release.wait(),))
+    thread.start()
+    holding.wait()
+    try:
+        yield
+    finally:
+        release.set()
+        thread.join()
 
 
 def test_call_runs_on_the_engine_thread_between_frames(engine):
@@ -115,3 +130,40 @@ def test_requests_from_many_threads(csm, engine):
         t.join()
     for text in texts:
         np.testing.assert_array_equal(got[text], expected[text])
+
+
+def test_requests_arriving_together_are_prefilled_together(csm, engine):
+    """One backbone pass for all their prompts (different lengths, right-padded): they join the
+    batch at the same step, so the batch takes as many steps as the longest request has frames."""
+    voice_a, voice_b = csm.voice("conversational_a", 0), csm.voice("conversational_b", 1)
+    items = [("Hello from the engine.", 0, [voice_a], GREEDY), ("A second, different line.", 1, [voice_b], GREEDY),
+             ("Short.", 1, [], GREEDY)]
+    expected = [solo(csm, *item) for item in items]
+    steps = engine.steps
+    with held(engine):
+        submitted = [engine.submit(text, speaker, context, **options) for text, speaker, context, options in items]
+    for request, e in zip(submitted, expected):
+        np.testing.assert_array_equal(request.codes(), e)
+    assert engine.steps - steps == max(e.shape[1] for e in expected)
+
+
+def test_a_context_is_prefilled_once_and_reused(csm):
+    """Requests with the same voice run it through the backbone once, the first of them (those
+    arriving beside it wait for it), and the rest only their own text, still getting the frames
+    they get alone; a budget smaller than two contexts keeps the latest."""
+    voice_a, voice_b = csm.voice("conversational_a", 0), csm.voice("conversational_b", 1)
+    texts = ["The first one.", "Then another one."]
+    context_rows, other_rows = csm.tokenize(voice_a).rows, csm.tokenize(voice_b).rows
+    with csm.engine(max_batch=2, prefill_chunk=8, prefix_cache_rows=max(context_rows, other_rows)) as engine:
+        with held(engine):
+            first, second = [engine.submit(t, 0, [voice_a], **GREEDY) for t in texts]
+        for request, text in zip((first, second), texts):
+            np.testing.assert_array_equal(request.codes(), solo(csm, text, 0, [voice_a], GREEDY))
+        text_rows = [len(csm.tokenizer.encode(t, 0)) for t in texts]
+        assert first.prefilled_rows == [context_rows + text_rows[0]]
+        assert second.prefilled_rows == [text_rows[1]]
+        other = engine.submit(texts[0], 1, [voice_b], **GREEDY)
+        np.testing.assert_array_equal(other.codes(), solo(csm, texts[0], 1, [voice_b], GREEDY))
+        again = engine.submit(texts[1], 0, [voice_a], **GREEDY)
+        np.testing.assert_array_equal(again.codes(), solo(csm, texts[1], 0, [voice_a], GREEDY))
+        assert again.prefilled_rows == [context_rows + text_rows[1]]  # voice_b's context took the budget
