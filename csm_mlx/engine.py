@@ -51,6 +51,9 @@ PREFILL_CHUNK = 64
 # Rows of context (a voice prompt, earlier turns) whose backbone cache the engine keeps for the
 # next request with the same context: ~130 KB per row for csm-1b in float32, so ~540 MB.
 PREFIX_CACHE_ROWS = 4096
+# Seconds an idle engine waits after a request arrives for others sent with it (a server's
+# concurrent clients arrive a few ms apart), so they are prefilled in one pass and join together.
+ADMIT_WAIT = 0.02
 
 
 class EngineError(RuntimeError):
@@ -255,12 +258,13 @@ class Engine:
 
     max_batch rows generate (or prefill) at once; up to max_queue more requests wait; beyond
     that submit() raises EngineFull. prefill_chunk is the rows of a joining prompt run per step.
+    An idle engine waits admit_wait seconds after a request arrives, for others sent with it.
     The backbone cache of a request's context (up to prefix_cache_rows rows in all, the most
     recently used kept) is reused by the next request with the same context: a server's voice
     prompt is prefilled once, and each request after it runs only its own text."""
 
     def __init__(self, csm: "CSM", max_batch: int = 8, max_queue: int = 32, prefill_chunk: int = PREFILL_CHUNK,
-                 prefix_cache_rows: int = PREFIX_CACHE_ROWS):
+                 prefix_cache_rows: int = PREFIX_CACHE_ROWS, admit_wait: float = ADMIT_WAIT):
         self.csm = csm
         self.model = csm.model
         self.max_batch = check_options(batch_size=max_batch)["batch_size"]
@@ -270,7 +274,10 @@ class Engine:
             raise ValueError(f"prefill_chunk must be a whole number >= 1, got {prefill_chunk!r}")
         if not isinstance(prefix_cache_rows, int) or prefix_cache_rows < 0:
             raise ValueError(f"prefix_cache_rows must be a whole number >= 0, got {prefix_cache_rows!r}")
+        if isinstance(admit_wait, bool) or not isinstance(admit_wait, (int, float)) or not 0 <= admit_wait <= 1:
+            raise ValueError(f"admit_wait must be a number of seconds in 0..1, got {admit_wait!r}")
         self.prefix_cache_rows = prefix_cache_rows
+        self.admit_wait = admit_wait
         self.max_queue = max_queue
         self.prefill_chunk = prefill_chunk
         self.window = self.model.args.backbone.max_seq_len
@@ -389,13 +396,16 @@ class Engine:
             if idle:
                 self._wake.wait()
                 self._wake.clear()
+                time.sleep(self.admit_wait)
                 continue
             self._run_jobs()
             try:
                 self._admit()
                 self._drop_cancelled()
                 self._prefill()
-                if self._rows or any(row.h is not None for row in self._joining):
+                # an empty batch starts once every joiner is prefilled: together, rather than the
+                # first ones stepping while the rest are fed in chunks between their steps
+                if self._rows or (self._joining and all(row.h is not None for row in self._joining)):
                     self._step()
             except Exception as e:  # one failed step must not take the engine down: fail what it held
                 log.exception("engine step failed")
@@ -512,7 +522,7 @@ class Engine:
                 n = min(n, row.context - (len(row.prompt[0]) - len(row.pending[0])))
             if group and (len(group) + 1) * max(counts + [n]) > budget:
                 if (len(group) + 1) * max(counts) > budget:
-                    break
+                    continue
                 n = min(n, max(counts))  # no wider than the rows already in the pass
             group.append(row)
             counts.append(n)

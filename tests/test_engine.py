@@ -105,12 +105,12 @@ def test_full_queue_and_bad_input_fail_at_submit(csm, engine):
         engine.submit("x", top_p=2)
     with pytest.raises(ContextError):
         engine.submit("x", 0, [TokenizedSegment([1, 2], np.zeros((32, 2040), np.int32), pinned=True)])
-    held = [engine.submit("Hold a row.", 0, temperature=0, max_audio_length_ms=2000) for _ in range(6)]
+    busy = [engine.submit("Hold a row.", 0, temperature=0, max_audio_length_ms=2000) for _ in range(6)]
     with pytest.raises(EngineFull, match="try again"):
         engine.submit("One too many.", 0)
-    for request in held:
+    for request in busy:
         request.cancel()
-    for request in held:
+    for request in busy:
         request.codes()
     assert engine.active == 0 and engine.waiting == 0
 
@@ -145,6 +145,18 @@ def test_requests_arriving_together_are_prefilled_together(csm, engine):
     for request, e in zip(submitted, expected):
         np.testing.assert_array_equal(request.codes(), e)
     assert engine.steps - steps == max(e.shape[1] for e in expected)
+
+
+def test_an_idle_engine_admits_requests_sent_together_at_once(csm):
+    """Sent one after another with no hold (as a server's clients arrive, ms apart), they still
+    join at the same step: the idle engine waits admit_wait for the rest before it prefills."""
+    texts = ["One line.", "Another line here.", "A third."]
+    with csm.engine(max_batch=4, admit_wait=0.5) as engine:
+        submitted = [engine.submit(t, 0, **GREEDY) for t in texts]
+        frames = [r.codes().shape[1] for r in submitted]
+        assert engine.steps == max(frames)
+    with pytest.raises(ValueError, match="admit_wait must be a number of seconds"):
+        csm.engine(admit_wait=-1)
 
 
 def test_a_context_is_prefilled_once_and_reused(csm):
