@@ -92,9 +92,14 @@ class Mimi:
         self._used += 1
         return self._mimi.decode_step(frame)
 
+    @property
+    def worn(self) -> bool:
+        """Whether reset() will load a fresh instance (this one has used RELOAD_AFTER positions)."""
+        return self._used >= self.reload_after
+
     def reset(self) -> None:
-        """A fresh streaming state (a fresh instance once this one has used RELOAD_AFTER positions)."""
-        if self._used >= self.reload_after:
+        """A fresh streaming state (a fresh instance once this one is worn)."""
+        if self.worn:
             self._load()
         else:
             self._mimi.reset()

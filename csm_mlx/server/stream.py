@@ -2,6 +2,7 @@
 -> Mimi's streaming decoder (an instance of the pool, one state per response) -> speed -> the
 block-wise transform -> the container encoder -> bytes handed to the event loop."""
 
+import itertools
 import logging
 import threading
 from typing import Callable, Optional, Protocol
@@ -33,8 +34,10 @@ def run_audio(request: Request, pool: MimiPool, fmt: str, speed: float,
         try:
             encoder = make_encoder(fmt)
             tempo = Tempo(speed) if speed != 1 else None
+            frames = iter(request)
+            first = next(frames, None)  # a queued request holds no Mimi instance while it waits
             with pool.take() as mimi:
-                for frame in request:
+                for frame in itertools.chain([first] if first is not None else [], frames):
                     audio = mimi.decode_step(frame[:, None])
                     if tempo is not None:
                         audio = tempo.process(audio)
@@ -43,13 +46,13 @@ def run_audio(request: Request, pool: MimiPool, fmt: str, speed: float,
                     data = encoder.encode(audio)
                     if data:
                         emit("data", data)
-            tail = tempo.finish() if tempo is not None else np.zeros(0, np.float32)
-            if transform is not None:
-                tail = np.concatenate([transform.feed(tail), transform.flush()])
-            data = encoder.encode(tail) + encoder.finish()
-            if data:
-                emit("data", data)
-            emit("end", None)
+                tail = tempo.finish() if tempo is not None else np.zeros(0, np.float32)
+                if transform is not None:
+                    tail = np.concatenate([transform.feed(tail), transform.flush()])
+                data = encoder.encode(tail) + encoder.finish()
+                if data:
+                    emit("data", data)
+                emit("end", None)  # before the instance goes back (a worn one reloads between frames)
         except Exception as e:  # noqa: BLE001 - every failure must reach the client, not just the log
             request.cancel()
             log.warning("request %d failed while streaming: %s", request.id, e)

@@ -16,12 +16,13 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional, TypeVar
 
 import numpy as np
 
 from ..api import VOICES
 from ..codec import FRAME_SAMPLES, SAMPLE_RATE, Mimi
+from ..engine import EngineError
 from ..frames import TokenizedSegment
 from ..tokenizer import TextTokenizer
 
@@ -32,6 +33,7 @@ OPENAI_VOICES: Dict[str, str] = {
     "coral": "conversational_a", "sage": "read_speech_c", "verse": "read_speech_d", "marin": "conversational_a",
     "cedar": "conversational_b",
 }
+T = TypeVar("T")
 MAX_CLIP_SECONDS = 60  # a voice prompt longer than this leaves little of the 2048-row window to speak in
 _ID = re.compile(r"voice_[0-9a-f]{32}")
 
@@ -45,37 +47,38 @@ class VoiceError(ValueError):
 
 
 class MimiPool:
-    """Fresh Mimi instances, one lent per response and then dropped: rustymimi's reset() leaves
-    its streaming state ~1e-6 off a fresh one, while fresh instances decode bit for bit alike.
-    A few are kept loaded (~0.25 s and ~450 MB each) so a response rarely waits for a load."""
+    """Mimi instances, one lent per response and reset for the next when it is done. rustymimi
+    holds the GIL while it loads, which stops every thread, the engine's too: ~0.2 s alone, but
+    seconds while the engine's threads compute. So the pool loads (to grow, or to replace a worn
+    instance) through run, the engine's call: between two frames, nothing else computing. A
+    reused instance decodes ~1e-6 off a fresh one (its positions run on), as CSM.generate's own
+    instance does: at most one PCM16 step. Up to keep idle instances stay loaded (~450 MB each)."""
 
-    def __init__(self, path: os.PathLike, spares: int = 2):
-        self._path, self._spares, self._loading = path, spares, 0
-        self._ready: "queue.Queue[Mimi]" = queue.Queue()
-        self._lock = threading.Lock()
-        self._top_up()
-
-    def _top_up(self) -> None:
-        with self._lock:
-            missing = self._spares - self._ready.qsize() - self._loading
-            self._loading += max(missing, 0)
-        for _ in range(missing):
-            threading.Thread(target=self._load, name="csm-mimi-load").start()
-
-    def _load(self) -> None:
-        mimi = Mimi(self._path)
-        with self._lock:
-            self._loading -= 1
-            self._ready.put(mimi)
+    def __init__(self, path: os.PathLike, preload: int = 2, keep: int = 8,
+                 run: Callable[[Callable[[], T]], T] = lambda fn: fn()):
+        self._path, self._keep, self._run = path, keep, run
+        self._idle: "queue.LifoQueue[Mimi]" = queue.LifoQueue()
+        for _ in range(preload):
+            self._idle.put(Mimi(path))
 
     @contextmanager
     def take(self) -> Iterator[Mimi]:
         try:
-            mimi = self._ready.get_nowait()
+            mimi = self._idle.get_nowait()
         except queue.Empty:
-            mimi = Mimi(self._path)
-        self._top_up()
-        yield mimi
+            mimi = self._run(lambda: Mimi(self._path))
+        try:
+            yield mimi
+        finally:
+            self._give_back(mimi)
+
+    def _give_back(self, mimi: Mimi) -> None:
+        try:
+            self._run(mimi.reset) if mimi.worn else mimi.reset()
+        except EngineError:  # the server is closing: the instance is dropped
+            return
+        if self._idle.qsize() < self._keep:
+            self._idle.put(mimi)
 
 
 @dataclass
