@@ -394,6 +394,6 @@ def build_app(csm: CSM, engine: Engine, voices_dir, *, api_key: Optional[str] = 
     if transform is None and csm.watermarker is not None:
         def transform():
             return csm.watermarker.stream(csm.watermark_key, csm.sample_rate, run=engine.call)
-    pool = MimiPool(csm.mimi.path, keep=engine.max_batch, run=engine.call)
+    pool = MimiPool(csm.mimi.path, preload=engine.max_batch, keep=engine.max_batch, run=engine.call)
     voices = VoiceStore(voices_dir, pool, lambda name: csm.voice(name).audio)
     return Guard(create_app(Server(csm, engine, voices, pool, model_name, transform)), api_key)

@@ -52,7 +52,8 @@ class MimiPool:
     seconds while the engine's threads compute. So the pool loads (to grow, or to replace a worn
     instance) through run, the engine's call: between two frames, nothing else computing. A
     reused instance decodes ~1e-6 off a fresh one (its positions run on), as CSM.generate's own
-    instance does: at most one PCM16 step. Up to keep idle instances stay loaded (~450 MB each)."""
+    instance does: at most one PCM16 step. Up to keep idle instances stay loaded (~450 MB each);
+    the server preloads one per row of its batch, so no request waits for a load."""
 
     def __init__(self, path: os.PathLike, preload: int = 2, keep: int = 8,
                  run: Callable[[Callable[[], T]], T] = lambda fn: fn()):
