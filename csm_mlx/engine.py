@@ -496,10 +496,9 @@ class Engine:
 
     def _keep_prefix(self, row: _Row) -> None:
         """Keep the row's cache as it stands, at the end of its context, for later requests."""
-        rows = row.prompt[0][: row.context], row.prompt[1][: row.context]
         layers = [layer.extract(0) for layer in row.cache]
         mx.eval([(layer.keys, layer.values) for layer in layers])
-        self._prefixes[(rows[0].tobytes(), rows[1].tobytes())] = layers
+        self._prefixes[row.prefix_key] = layers
         total = sum(layers[0].offset for layers in self._prefixes.values())
         while total > self.prefix_cache_rows:
             _, dropped = self._prefixes.popitem(last=False)

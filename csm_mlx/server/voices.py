@@ -26,6 +26,8 @@ from ..engine import EngineError
 from ..frames import TokenizedSegment
 from ..tokenizer import TextTokenizer
 
+T = TypeVar("T")
+
 # OpenAI's voice names, so a client that only knows those gets a CSM voice.
 OPENAI_VOICES: Dict[str, str] = {
     "alloy": "conversational_a", "echo": "conversational_b", "fable": "read_speech_a", "onyx": "read_speech_b",
@@ -33,7 +35,6 @@ OPENAI_VOICES: Dict[str, str] = {
     "coral": "conversational_a", "sage": "read_speech_c", "verse": "read_speech_d", "marin": "conversational_a",
     "cedar": "conversational_b",
 }
-T = TypeVar("T")
 MAX_CLIP_SECONDS = 60  # a voice prompt longer than this leaves little of the 2048-row window to speak in
 _ID = re.compile(r"voice_[0-9a-f]{32}")
 
@@ -75,7 +76,10 @@ class MimiPool:
 
     def _give_back(self, mimi: Mimi) -> None:
         try:
-            self._run(mimi.reset) if mimi.worn else mimi.reset()
+            if mimi.worn:
+                self._run(mimi.reset)
+            else:
+                mimi.reset()
         except EngineError:  # the server is closing: the instance is dropped
             return
         if self._idle.qsize() < self._keep:
