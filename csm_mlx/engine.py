@@ -123,7 +123,7 @@ class Request:
         if isinstance(item, np.ndarray):
             return item
         self._done = True
-        if isinstance(item, BaseException):
+        if item is not None:
             raise item
         return None
 
@@ -139,7 +139,7 @@ class Request:
         self._out.put(frame)
 
     def _finish(self, error: Optional[BaseException] = None) -> None:
-        self._out.put(error if error is not None else StopIteration())
+        self._out.put(error)  # None: the end
 
 
 @dataclass
@@ -281,6 +281,8 @@ class Engine:
         self.max_queue = max_queue
         self.prefill_chunk = prefill_chunk
         self.window = self.model.args.backbone.max_seq_len
+        # whether the engine computes on the CPU cores, where other threads of the process compete with it
+        self.on_cpu = mx.default_device() == mx.cpu
         # A lazy array belongs to the stream of the thread that made it: evaluate every array the
         # model holds (private ones too, such as RoPE frequencies) so the engine thread can use them.
         mx.eval([v for _, m in self.model.named_modules() for v in m.values() if isinstance(v, mx.array)])

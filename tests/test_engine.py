@@ -87,6 +87,13 @@ def test_concurrent_requests_each_get_their_solo_frames(csm, engine):
     assert engine.active == 0 and engine.waiting == 0
 
 
+def test_get_returns_none_at_the_end(engine):
+    request = engine.submit("Short.", 0, temperature=0, max_audio_length_ms=160)
+    frames = [request.get(timeout=60), request.get(timeout=60)]
+    assert [f.shape for f in frames] == [(32,), (32,)]
+    assert request.get(timeout=60) is None and request.get() is None
+
+
 def test_cancel_frees_the_row_within_a_frame(csm, engine):
     request = engine.submit("Cancel me soon.", 0, temperature=0, max_audio_length_ms=4000)
     request.get()

@@ -3,6 +3,7 @@
 import base64
 import io
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -25,6 +26,7 @@ from csm_mlx.codec import Mimi
 from csm_mlx.server.voices import MimiPool
 from csm_mlx.server import build_app
 from csm_mlx.server.encoders import to_pcm16
+from csm_mlx.server.stream import AUDIO_NICE
 
 CLI = str(Path(sys.executable).parent / "csm-mlx")
 FRAMES = 8
@@ -232,6 +234,25 @@ def test_a_client_that_disconnects_is_dropped_from_the_batch(live):
         assert live.engine.active == 1
     assert goes_idle(live.engine)
     assert httpx.get(live.url + "/health").json()["active"] == 0
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a thread's own nice is Linux's")
+def test_audio_threads_run_below_the_engine_on_a_cpu(live):
+    """On Linux with the engine on the CPU, a response's audio thread runs AUDIO_NICE steps
+    below the engine's (the engine's step is what every stream waits on); the engine keeps its own."""
+    assert live.engine.on_cpu
+    client = live.client()
+    with client.audio.speech.with_streaming_response.create(
+            model="tts-1", voice="alloy", input="Talk for a while.", response_format="pcm",
+            extra_body={"max_audio_length_ms": 60_000, "temperature": 0}) as response:
+        next(response.iter_bytes())
+        threads = {t.name: t.native_id for t in threading.enumerate()}
+        audio = [tid for name, tid in threads.items() if name.startswith("csm-audio-")]
+        assert len(audio) == 1
+        base = os.getpriority(os.PRIO_PROCESS, 0)
+        assert os.getpriority(os.PRIO_PROCESS, audio[0]) == min(19, base + AUDIO_NICE)
+        assert os.getpriority(os.PRIO_PROCESS, threads["csm-engine"]) == base
+    assert goes_idle(live.engine)
 
 
 def test_voice_upload_list_speak_restart_delete(csm, tmp_path):

@@ -297,10 +297,14 @@ def create_app(server: Server) -> FastAPI:
         items: "asyncio.Queue[tuple]" = asyncio.Queue()
 
         def emit(kind, payload):
-            loop.call_soon_threadsafe(items.put_nowait, (kind, payload))
+            try:
+                loop.call_soon_threadsafe(items.put_nowait, (kind, payload))
+            except RuntimeError:  # the server stopped and its loop closed: no one reads this response
+                request.cancel()
 
         transform = server.transform() if server.transform is not None else None
-        run_audio(request, server.pool, speech.fmt, speech.speed, transform, emit)
+        run_audio(request, server.pool, speech.fmt, speech.speed, transform, emit,
+                  below_engine=server.engine.on_cpu)
         # The status goes out with the first audio: a failure before it is a proper error response.
         first = None
         while first is None:
