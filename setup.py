@@ -1,4 +1,4 @@
-"""Builds csm_mlx._few_rows, the CPU kernel for few-row products (csm_mlx/few_rows.cpp), on Linux.
+"""Builds csm_mlx._cpu_kernels, the CPU kernels for exact batching (csm_mlx/cpu_kernels.cpp), on Linux.
 
 Everything else about the package is in pyproject.toml. The kernel is an MLX primitive compiled
 against the MLX of the build environment; csm_mlx.blas loads it only when the MLX it runs with is
@@ -13,7 +13,7 @@ from pathlib import Path
 from setuptools import Extension, setup
 
 
-def few_rows_extension():
+def cpu_kernels_extension():
     if not sys.platform.startswith("linux"):
         return []
     import mlx
@@ -22,8 +22,8 @@ def few_rows_extension():
     mlx_dir = Path(mlx.__path__[0])
     nb_dir = Path(nanobind.__file__).parent
     return [Extension(
-        "csm_mlx._few_rows",
-        sources=["csm_mlx/few_rows.cpp", str(nb_dir / "src" / "nb_combined.cpp")],
+        "csm_mlx._cpu_kernels",
+        sources=["csm_mlx/cpu_kernels.cpp", str(nb_dir / "src" / "nb_combined.cpp")],
         include_dirs=[str(mlx_dir / "include"), str(nb_dir / "include"), str(nb_dir / "ext" / "robin_map" / "include")],
         library_dirs=[str(mlx_dir / "lib")],
         runtime_library_dirs=["$ORIGIN/../mlx/lib"],  # an installed package; editable ones find the libmlx mlx.core loaded
@@ -36,4 +36,4 @@ def few_rows_extension():
     )]
 
 
-setup(ext_modules=few_rows_extension())
+setup(ext_modules=cpu_kernels_extension())

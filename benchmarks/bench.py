@@ -28,6 +28,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
+from csm_mlx.blas import use_cpu_kernels
 from csm_mlx.checkpoint import DTYPES, quantize
 from csm_mlx.codec import Mimi
 from csm_mlx.frames import frame_decoder, generate_batch_frames, generate_frames, make_frame_sampler, prefill
@@ -236,6 +237,7 @@ def run(size: str, precisions, frames: int, reference: bool, naive: bool, growth
         model = Model(args)
         model.load_weights(list(float_state.items()))
         model = with_precision(model, precision)
+        use_cpu_kernels(model)  # as load_model does (CSM_MLX_KERNELS=off: MKL and mx.fast)
         mx.reset_peak_memory()
         first_frame_s, first_frame, per_frame = frame_times(model, 200, frames)
         mimi.reset()

@@ -1,5 +1,5 @@
-"""Fast products for MLX's CPU backend on Linux: MKL in place of the bundled BLAS, and a kernel
-for the few-row products of a frame.
+"""Fast and exact products for MLX's CPU backend on Linux: MKL in place of the bundled BLAS, and
+csm_mlx's kernels for the products and attention of inference.
 
 MLX's Linux CPU wheel carries the reference (netlib) BLAS: ~5 GB/s for the matrix-vector
 products that dominate a frame. Intel MKL (the `mkl` wheel, a default dependency on Linux
@@ -35,52 +35,51 @@ def load_fast_blas() -> Optional[str]:
 FAST_BLAS = load_fast_blas()
 
 
-# Products of this many rows (2 up to it) run transposed on MKL: see FewRowLinear.
+# Without the kernels, products of this many rows (2 up to it) run transposed on MKL: see ExactLinear.
 FEW_ROWS = 64
-# ... and up to this many on the kernel, in one pass over the weights (MAX_ROWS in few_rows.cpp).
-KERNEL_ROWS = 8
 
 
 @functools.lru_cache(maxsize=None)
-def few_row_kernel():
-    """csm_mlx._few_rows.few_row_matmul when it can run here, else None: it must have been built
-    (Linux; setup.py) against the very MLX that is loaded, and the CPU must run it. Set
-    CSM_MLX_FEW_ROWS=blas to leave few-row products to the BLAS."""
-    if os.environ.get("CSM_MLX_FEW_ROWS") == "blas":
+def cpu_kernels():
+    """csm_mlx._cpu_kernels (exact_matmul, exact_attention) when it can run here, else None: it
+    must have been built (Linux; setup.py) against the very MLX that is loaded, and the CPU must
+    run it. Set CSM_MLX_KERNELS=off to leave products and attention to MKL and MLX."""
+    if os.environ.get("CSM_MLX_KERNELS") == "off":
         return None
-    import mlx.core  # noqa: F401  (loads libmlx, which the kernel links to)
+    import mlx.core  # noqa: F401  (loads libmlx, which the kernels link to)
 
     try:
-        from . import _few_rows
+        from . import _cpu_kernels
     except ImportError:
         return None
-    if _few_rows.MLX_VERSION != version("mlx") or not _few_rows.supported():
+    if _cpu_kernels.MLX_VERSION != version("mlx") or not _cpu_kernels.supported():
         return None
-    return _few_rows.few_row_matmul
+    return _cpu_kernels
 
 
 @functools.lru_cache(maxsize=None)
-def few_row_linear():
-    """The Linear class for few-row products on the CPU (imported late: mlx must load after MKL)."""
+def exact_linear():
+    """The Linear class for inference on the CPU (imported late: mlx must load after MKL)."""
     import mlx.core as mx
     import mlx.nn as nn
 
-    kernel = few_row_kernel()
+    kernels = cpu_kernels()
 
-    class FewRowLinear(nn.Linear):
-        """nn.Linear for the products of a frame, 1 to 8 rows (one per stream of a batch).
-
-        With csm_mlx's kernel (csm_mlx/few_rows.cpp) they read the weights once for all rows at
-        the memory's bandwidth, and every row gets the same numbers whatever its batch. Else, on
-        MKL, 2 to FEW_ROWS rows run as (W @ x.T).T: MKL's sgemm takes x @ W.T with a few rows at
-        close to one matrix-vector product per row (4 rows cost ~3.7x one), and W @ x.T at
-        ~1.6x with MKL's two threads. Same parameters, same results up to the order of the sums."""
+    class ExactLinear(nn.Linear):
+        """nn.Linear whose every row gets the same numbers in any batch and any pass: a prompt
+        prefilled in one pass or in chunks beside running streams, a frame's row alone or among
+        eight. With csm_mlx's kernels (csm_mlx/cpu_kernels.cpp), in float32: 1 to 8 rows read
+        the weights once for all rows at the memory's bandwidth; more rows (a prompt) run
+        through each cached block of weights. Without them, on MKL, 2 to FEW_ROWS rows run as
+        (W @ x.T).T: MKL's sgemm takes x @ W.T with a few rows at close to one matrix-vector
+        product per row (4 rows cost ~3.7x one), and W @ x.T at ~1.6x with MKL's two threads;
+        those are fast, not exact. Same parameters, same results up to the order of the sums."""
 
         def __call__(self, x):
             rows = x.size // x.shape[-1]
             flat = x.reshape(rows, x.shape[-1])
-            if kernel is not None and rows <= KERNEL_ROWS and x.dtype == self.weight.dtype == mx.float32:
-                y = kernel(flat, self.weight)
+            if kernels is not None and x.dtype == self.weight.dtype == mx.float32:
+                y = kernels.exact_matmul(flat, self.weight)
             elif FAST_BLAS is not None and 2 <= rows <= FEW_ROWS:
                 # row-major again, so what follows sees the layout nn.Linear gives (and sums as it would)
                 y = mx.contiguous((self.weight @ flat.T).T)
@@ -89,25 +88,80 @@ def few_row_linear():
             y = y.reshape(*x.shape[:-1], self.weight.shape[0])
             return y + self["bias"] if "bias" in self else y
 
-    return FewRowLinear
+    return ExactLinear
 
 
-def use_few_row_products(model) -> None:
-    """On the CPU backend with the few-row kernel or MKL, make model's plain Linear layers
-    FewRowLinear (quantized and other layers are left as they are); elsewhere nothing changes."""
+def exact_sdpa(q, k, v, *, scale, mask=None):
+    """mx.fast.scaled_dot_product_attention's arguments and result; in float32 with the kernels,
+    each query's softmax is summed over exactly the keys it sees, in key order, so padding and
+    passes change nothing. Anything else goes to mx.fast."""
     import mlx.core as mx
+
+    kernels = cpu_kernels()
+    exact = kernels is not None and q.dtype == k.dtype == v.dtype == mx.float32
+    if exact and mask is not None and not isinstance(mask, str):
+        if mask.dtype != mx.bool_ or mask.ndim not in (2, 4) or (mask.ndim == 4 and mask.shape[1] != 1):
+            exact = False
+        else:
+            mask = mask if mask.ndim == 2 else mask[:, 0]
+            mask = mx.broadcast_to(mask, (mask.shape[0] if mask.ndim == 3 else 1, q.shape[2], k.shape[2]))
+    if not exact or (isinstance(mask, str) and mask != "causal"):
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+    if isinstance(mask, str):
+        return kernels.exact_attention(q, k, v, scale=scale, causal=True)
+    return kernels.exact_attention(q, k, v, scale=scale, mask=mask)
+
+
+def use_cpu_kernels(model) -> None:
+    """For inference on the CPU backend: make model's plain Linear layers ExactLinear (with the
+    kernels or MKL; quantized and other layers are left as they are) and its attention the exact
+    kernel (with the kernels). Elsewhere nothing changes."""
+    import mlx.core as mx
+
+    if mx.default_device().type != mx.cpu:
+        return
+    kernels = cpu_kernels()
+    if kernels is not None or FAST_BLAS is not None:
+        _swap_linears(model, nn_linear=True)
+    if kernels is not None:
+        for attention in _attentions(model):
+            attention.sdpa = exact_sdpa
+
+
+def use_training_products(model) -> bool:
+    """Undo use_cpu_kernels for training: plain Linear layers and mx.fast attention (gradients
+    are BLAS products either way, and BLAS computes a long sequence's forward faster); whether
+    the model used the kernels."""
+    import mlx.nn as nn
+
+    used = any(type(m) is not nn.Linear for m in model.modules() if isinstance(m, nn.Linear))
+    _swap_linears(model, nn_linear=False)
+    for attention in _attentions(model):
+        used = attention.__dict__.pop("sdpa", None) is not None or used
+    return used
+
+
+def _attentions(model):
+    from .models.csm import Attention
+
+    return [m for _, m in model.named_modules() if isinstance(m, Attention)]
+
+
+def _swap_linears(model, nn_linear: bool) -> None:
+    """Plain nn.Linear layers -> ExactLinear (nn_linear) or back."""
     import mlx.nn as nn
     from mlx.utils import tree_map
 
-    if mx.default_device().type != mx.cpu or (FAST_BLAS is None and few_row_kernel() is None):
-        return
-    cls = few_row_linear()
+    source, target = (nn.Linear, exact_linear()) if nn_linear else (exact_linear(), nn.Linear)
 
     def swap(module):
-        if type(module) is not nn.Linear:
+        if type(module) is not source:
             return module
-        linear = cls(1, 1, bias="bias" in module)
+        linear = target(1, 1, bias="bias" in module)
         linear.update(module.parameters())
+        frozen = [k for k in module.parameters() if k not in module.trainable_parameters()]
+        if frozen:  # a LoRA layer's base, a layer full fine-tuning leaves out
+            linear.freeze(keys=frozen)
         return linear
 
     model.update_modules(tree_map(swap, model.leaf_modules(), is_leaf=nn.Module.is_module))

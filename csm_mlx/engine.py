@@ -8,7 +8,9 @@ prefill), then runs one backbone step and one depth-decoder pass over all
 active rows per frame. A row leaves at its own end of speech, frame cap, repeat stop or
 cancellation. Each row keeps its own sampling settings and its own random key, so a seeded request
 gives the same frames alone or beside others, and the same frames CSM.generate gives; greedy, every
-request gets the codes it gets alone.
+request gets the codes it gets alone. Bit for bit where the model runs on csm_mlx's CPU kernels
+(csm_mlx.blas): there a row's numbers depend neither on its batch nor on how its prompt was split
+into passes, which here follows the timing of other requests.
 
     engine = csm.engine(max_batch=8)
     request = engine.submit("Hello there.", speaker=0, temperature=0)
@@ -511,7 +513,7 @@ class Engine:
         """One backbone pass over the joining prompts that still have rows to run: each runs its
         next rows, the shorter right-padded (as mlx-lm's BatchGenerator pads prompts), up to a
         budget of rows in all, so requests that arrive together join the batch at the same step."""
-        # alone, in the passes CSM.generate makes (the same numbers); beside running rows, in short chunks
+        # alone, in CSM.generate's long passes (the fastest); beside running rows, in short chunks
         budget = self.prefill_chunk if self._rows else PREFILL_ROWS
         group: List[_Row] = []
         counts: List[int] = []

@@ -1,5 +1,5 @@
-"""Few-row products: the kernel (csm_mlx/few_rows.cpp) and the transposed MKL product give
-nn.Linear's numbers."""
+"""CPU kernels (csm_mlx/cpu_kernels.cpp): products and attention give MLX's numbers up to the order
+of the sums, and a row the same bits in any batch, any pass and beside any padding."""
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -7,15 +7,15 @@ import numpy as np
 import pytest
 
 from csm_mlx import blas, load_model
-from csm_mlx.blas import FEW_ROWS, few_row_linear, use_few_row_products
+from csm_mlx.blas import FEW_ROWS, exact_linear, exact_sdpa, use_cpu_kernels, use_training_products
 from csm_mlx.models import Model, ModelArgs, TransformerArgs
 
 
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("shape", [(1, 1, 48), (2, 48), (4, 1, 48), (3, 5, 48), (1, FEW_ROWS, 48), (1, FEW_ROWS + 1, 48)])
-def test_few_row_linear_equals_linear(shape, bias):
+def test_exact_linear_equals_linear(shape, bias):
     plain = nn.Linear(48, 80, bias=bias)
-    few = few_row_linear()(48, 80, bias=bias)
+    few = exact_linear()(48, 80, bias=bias)
     few.update(plain.parameters())
     x = mx.random.normal(shape, key=mx.random.key(len(shape) + shape[-2]))
     expected = np.array(plain(x))
@@ -24,24 +24,31 @@ def test_few_row_linear_equals_linear(shape, bias):
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_load_model_swaps_plain_linears_only_on_the_cpu_with_the_kernel_or_mkl(original_dir):
+def test_load_model_uses_the_kernels_on_the_cpu_and_training_undoes_it(original_dir):
     model, _ = load_model(original_dir)
     layers = [m for _, m in model.named_modules() if isinstance(m, nn.Linear)]
-    swapped = (blas.FAST_BLAS is not None or blas.few_row_kernel() is not None) and mx.default_device().type == mx.cpu
+    attentions = [layer.self_attn for layer in model.backbone.layers + model.decoder.layers]
+    on_cpu = mx.default_device().type == mx.cpu
+    swapped = (blas.FAST_BLAS is not None or blas.cpu_kernels() is not None) and on_cpu
     assert layers and all((type(m) is not nn.Linear) == swapped for m in layers)
+    assert all((a.sdpa is exact_sdpa) == (blas.cpu_kernels() is not None and on_cpu) for a in attentions)
+    use_training_products(model)
+    assert all(type(m) is nn.Linear for _, m in model.named_modules() if isinstance(m, nn.Linear))
+    assert all(a.sdpa is mx.fast.scaled_dot_product_attention for a in attentions)
     quantized = Model(ModelArgs(TransformerArgs(1, 64, 2, 1, 128), TransformerArgs(1, 64, 2, 1, 128), text_vocab_size=64))
     nn.quantize(quantized, group_size=32, bits=8)
-    use_few_row_products(quantized)
-    assert not any(type(m).__name__ == "FewRowLinear" for _, m in quantized.named_modules())
+    use_cpu_kernels(quantized)
+    assert not any(type(m).__name__ == "ExactLinear" for _, m in quantized.named_modules())
 
 
-kernel = blas.few_row_kernel()
-needs_kernel = pytest.mark.skipif(kernel is None, reason="the few-row kernel is built on Linux only")
+kernels = blas.cpu_kernels()
+kernel = kernels.exact_matmul if kernels is not None else None
+needs_kernel = pytest.mark.skipif(kernels is None, reason="the CPU kernels are built on Linux only")
 
 
 @needs_kernel
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8])
-@pytest.mark.parametrize("k", [64, 1000])  # 1000: a tail past the last 8 columns
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 9, 70])
+@pytest.mark.parametrize("k", [5, 64, 1000, 2100])  # a tail past the last 8 columns; more than one packed block
 def test_kernel_matches_a_float64_product(rows, k):
     x = np.random.default_rng(rows).standard_normal((rows, k)).astype(np.float32)
     w = np.random.default_rng(k).standard_normal((75, k)).astype(np.float32)  # 75: a partial block and step
@@ -57,7 +64,82 @@ def test_kernel_gives_a_row_the_same_bits_in_any_batch():
     for i in range(8):
         assert np.array_equal(np.array(kernel(x[i : i + 1], w))[0], batch[i])
     assert np.array_equal(np.array(kernel(x[2:6], w)), batch[2:6])
-    assert np.array_equal(np.array(kernel(mx.concatenate([x, x[:3]]), w))[8:], batch[:3])  # 11 rows: two passes
+    assert np.array_equal(np.array(kernel(mx.concatenate([x, x[:3]]), w))[8:], batch[:3])  # 11 rows: packed
+
+
+@needs_kernel
+@pytest.mark.parametrize("k", [7, 520, 1030])
+def test_kernel_gives_a_prompt_the_same_bits_in_any_passes(k):
+    """A prompt's rows in one pass of 70, in passes of 8 or 13, or beside other prompts' rows."""
+    w = mx.random.normal((101, k), key=mx.random.key(8))  # 101: partial packed blocks and tiles
+    x = mx.random.normal((70, k), key=mx.random.key(9))
+    whole = np.array(kernel(x, w))
+    for size in (8, 13, 1):
+        assert np.array_equal(np.concatenate([np.array(kernel(x[i : i + size], w)) for i in range(0, 70, size)]), whole)
+    beside = mx.concatenate([mx.random.normal((5, k), key=mx.random.key(10)), x[20:40]])
+    assert np.array_equal(np.array(kernel(beside, w))[5:], whole[20:40])
+
+
+def _attention_inputs(B=3, Hq=4, Hkv=2, L=5, S=37, D=64, seed=0):
+    keys = mx.random.split(mx.random.key(seed), 3)
+    return (mx.random.normal((B, Hq, L, D), key=keys[0]), mx.random.normal((B, Hkv, S, D), key=keys[1]),
+            mx.random.normal((B, Hkv, S, D), key=keys[2]))
+
+
+@needs_kernel
+@pytest.mark.parametrize("D", [64, 12])  # 12: a tail past the last 8 dims
+def test_exact_attention_matches_mlx(D):
+    q, k, v = _attention_inputs(D=D)
+    masks = ["causal", None, mx.random.uniform(shape=(3, 1, 5, 37), key=mx.random.key(1)) > 0.3,
+             mx.random.uniform(shape=(5, 37), key=mx.random.key(2)) > 0.3]
+    for mask in masks:
+        expected = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.3, mask=mask)
+        np.testing.assert_allclose(np.array(exact_sdpa(q, k, v, scale=0.3, mask=mask)), np.array(expected),
+                                   rtol=1e-5, atol=1e-5)
+    sliced = mx.random.normal((3, 2, 64, D))[:, :, :37]  # a cache's keys: a slice of a longer buffer
+    np.testing.assert_allclose(np.array(exact_sdpa(q, sliced, v, scale=0.3)),
+                               np.array(mx.fast.scaled_dot_product_attention(q, sliced, v, scale=0.3)),
+                               rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+def test_exact_attention_ignores_padding_and_passes():
+    """A row's output is the same bits left-padded in a batch (a frame step) and for a prompt in
+    one causal pass or in chunks after its cache."""
+    q, k, v = _attention_inputs(B=1, L=1, S=30)
+    alone = np.array(exact_sdpa(q, k, v, scale=0.125))
+    pad = 11
+    kp = mx.concatenate([mx.random.normal((1, 2, pad, 64)), k], axis=2)
+    vp = mx.concatenate([mx.random.normal((1, 2, pad, 64)), v], axis=2)
+    mask = (mx.arange(pad + 30) >= pad)[None, None, None]
+    assert np.array_equal(np.array(exact_sdpa(q, kp, vp, scale=0.125, mask=mask)), alone)
+    q, k, v = _attention_inputs(B=1, L=30, S=30)
+    whole = np.array(exact_sdpa(q, k, v, scale=0.125, mask="causal"))
+    parts = [np.array(exact_sdpa(q[:, :, i : i + 7], k[:, :, : i + 7], v[:, :, : i + 7], scale=0.125, mask="causal"))
+             for i in range(0, 30, 7)]
+    assert np.array_equal(np.concatenate(parts, axis=2), whole)
+
+
+@needs_kernel
+def test_exact_attention_refuses_what_it_cannot_compute():
+    q, k, v = _attention_inputs()
+    with pytest.raises(ValueError, match="multiple of Hkv"):
+        kernels.exact_attention(q, mx.repeat(k[:, :1], 3, axis=1), mx.repeat(v[:, :1], 3, axis=1), scale=1.0)
+    with pytest.raises(ValueError, match="bool mask"):
+        kernels.exact_attention(q, k, v, scale=1.0, mask=mx.ones((2, 5, 37), mx.bool_))
+
+
+@needs_kernel
+def test_exact_attention_has_mx_fasts_gradients():
+    q, k, v = _attention_inputs()
+    mask = mx.random.uniform(shape=(3, 1, 5, 37), key=mx.random.key(3)) > 0.3
+    for m in ("causal", mask):
+        def loss(f):
+            return lambda a, b, c: (f(a, b, c, scale=0.3, mask=m) ** 2).sum()
+        got = mx.grad(loss(exact_sdpa), argnums=(0, 1, 2))(q, k, v)
+        expected = mx.grad(loss(mx.fast.scaled_dot_product_attention), argnums=(0, 1, 2))(q, k, v)
+        for g, e in zip(got, expected):
+            np.testing.assert_allclose(np.array(g), np.array(e), rtol=1e-4, atol=1e-4)
 
 
 @needs_kernel
