@@ -144,11 +144,25 @@ constexpr Tile TILES[PACK_M][PACK_R] = {{packed_tile<1, 1>, packed_tile<1, 2>, p
                                         {packed_tile<3, 1>, packed_tile<3, 2>, packed_tile<3, 3>},
                                         {packed_tile<4, 1>, packed_tile<4, 2>, packed_tile<4, 3>}};
 
-// Rows [n0, n1) of y (M, N) for x (M, K) and w (N, K), n1 - n0 <= PACK_N.
-void packed_block(const float* x, const float* w, float* y, int64_t M, int64_t K, int64_t N, int64_t n0, int64_t n1) {
-  thread_local std::vector<float> wp, xp, part;
+// x (M, K) packed once per product for every block: tile by tile of PACK_M rows, column block by
+// column block, [step][row][8] within.
+void pack_rows(const float* x, float* xp, int64_t M, int64_t K) {
+  const int64_t kv = K / 8 * 8;
+  for (int64_t m0 = 0; m0 < M; m0 += PACK_M) {
+    const int64_t rows = std::min<int64_t>(PACK_M, M - m0);
+    for (int64_t k0 = 0; k0 < kv; k0 += PACK_K)
+      for (int64_t s = 0; s < std::min(PACK_K, kv - k0) / 8; s++)
+        for (int64_t m = 0; m < rows; m++)
+          std::memcpy(xp + m0 * kv + rows * k0 + (s * rows + m) * 8, x + (m0 + m) * K + k0 + s * 8, 8 * sizeof(float));
+  }
+}
+
+// Rows [n0, n1) of y (M, N) for x (M, K), packed as xp, and w (N, K); n1 - n0 <= PACK_N.
+void packed_block(const float* x, const float* xp, const float* w, float* y, int64_t M, int64_t K, int64_t N,
+                  int64_t n0, int64_t n1) {
+  thread_local std::vector<float> wp, part;
   const int64_t nb = n1 - n0, kv = K / 8 * 8;
-  wp.resize(nb * PACK_K), xp.resize(PACK_M * PACK_K), part.resize(M * nb * 8);
+  wp.resize(nb * PACK_K), part.resize(M * nb * 8);
   for (int64_t k0 = 0; k0 < kv; k0 += PACK_K) {
     const int64_t steps = std::min(PACK_K, kv - k0) / 8;
     for (int64_t g = 0; g < nb; g += PACK_R) {
@@ -159,13 +173,10 @@ void packed_block(const float* x, const float* w, float* y, int64_t M, int64_t K
     }
     for (int64_t m0 = 0; m0 < M; m0 += PACK_M) {
       const int64_t rows = std::min<int64_t>(PACK_M, M - m0);
-      for (int64_t s = 0; s < steps; s++)
-        for (int64_t m = 0; m < rows; m++)
-          std::memcpy(&xp[(s * rows + m) * 8], x + (m0 + m) * K + k0 + s * 8, 8 * sizeof(float));
       for (int64_t g = 0; g < nb; g += PACK_R) {
         const int64_t R = std::min<int64_t>(PACK_R, nb - g);
-        TILES[rows - 1][R - 1](xp.data(), wp.data() + g * steps * 8, part.data() + (m0 * nb + g) * 8, steps, nb,
-                               k0 == 0);
+        TILES[rows - 1][R - 1](xp + m0 * kv + rows * k0, wp.data() + g * steps * 8, part.data() + (m0 * nb + g) * 8,
+                               steps, nb, k0 == 0);
       }
     }
   }
@@ -321,8 +332,10 @@ void products(const float* x, const float* w, float* y, int64_t M, int64_t K, in
     pool().run(blocks, [&](int64_t b) { KERNELS[M - 1](x, w, y, K, N, b * BLOCK, std::min(N, (b + 1) * BLOCK)); });
     return;
   }
+  std::vector<float> xp(M * (K / 8 * 8));
+  pack_rows(x, xp.data(), M, K);
   pool().run((N + PACK_N - 1) / PACK_N, [&](int64_t b) {
-    packed_block(x, w, y, M, K, N, b * PACK_N, std::min(N, (b + 1) * PACK_N));
+    packed_block(x, xp.data(), w, y, M, K, N, b * PACK_N, std::min(N, (b + 1) * PACK_N));
   });
 }
 
