@@ -327,6 +327,7 @@ Pool& pool() {
 }
 
 void products(const float* x, const float* w, float* y, int64_t M, int64_t K, int64_t N) {
+  if (M == 0 || N == 0) return;
   const int64_t blocks = (N + BLOCK - 1) / BLOCK;
   if (M <= MAX_ROWS) {
     pool().run(blocks, [&](int64_t b) { KERNELS[M - 1](x, w, y, K, N, b * BLOCK, std::min(N, (b + 1) * BLOCK)); });
@@ -416,6 +417,9 @@ mx::array exact_matmul(const mx::array& x, const mx::array& w) {
                    {mx::contiguous(x, false, stream), mx::contiguous(w, false, stream)});
 }
 
+// queries are handed to the pool in at most this many tasks (its job word holds 20-bit counts)
+constexpr int64_t MAX_QUERY_TASKS = 65536;
+
 // q (B, Hq, L, D), k and v (B, Hkv, S, D) with any strides but the last; mask, when given,
 // (B or 1, L, S) bool and row-contiguous; causal: query i sees keys up to S - L + i.
 class ExactAttention : public mx::UnaryPrimitive {
@@ -444,16 +448,19 @@ class ExactAttention : public mx::UnaryPrimitive {
       const int64_t mask_batch = masked && weak[3].shape(0) > 1 ? L * S : 0;
       const float *qp = q.data<float>(), *kp = k.data<float>(), *vp = v.data<float>();
       float* op = out.data<float>();
-      pool().run(B * Hq * L, [&](int64_t task) {
+      const int64_t queries = B * Hq * L, per_task = (queries + MAX_QUERY_TASKS - 1) / MAX_QUERY_TASKS;
+      pool().run((queries + per_task - 1) / per_task, [&](int64_t task) {
         thread_local std::vector<float> scores;
         scores.resize(S);
-        const int64_t i = task % L, h = task / L % Hq, b = task / L / Hq, hk = h / group;
-        const bool* row = mask ? mask + b * mask_batch + i * S : nullptr;
-        const int64_t last = causal ? S - L + i : S - 1;
-        auto visible = [&](int64_t j) { return j <= last && (row == nullptr || row[j]); };
-        attend(qp + b * q.strides(0) + h * q.strides(1) + i * q.strides(2), kp + b * k.strides(0) + hk * k.strides(1),
-               k.strides(2), vp + b * v.strides(0) + hk * v.strides(1), v.strides(2), S, D, scale, visible,
-               op + task * D, scores.data());
+        for (int64_t n = task * per_task; n < std::min(queries, (task + 1) * per_task); n++) {
+          const int64_t i = n % L, h = n / L % Hq, b = n / L / Hq, hk = h / group;
+          const bool* row = mask ? mask + b * mask_batch + i * S : nullptr;
+          const int64_t last = causal ? S - L + i : S - 1;
+          auto visible = [&](int64_t j) { return j <= last && (row == nullptr || row[j]); };
+          attend(qp + b * q.strides(0) + h * q.strides(1) + i * q.strides(2),
+                 kp + b * k.strides(0) + hk * k.strides(1), k.strides(2), vp + b * v.strides(0) + hk * v.strides(1),
+                 v.strides(2), S, D, scale, visible, op + n * D, scores.data());
+        }
       });
     });
   }

@@ -103,6 +103,14 @@ def test_exact_attention_matches_mlx(D):
 
 
 @needs_kernel
+def test_exact_attention_over_more_queries_than_the_pool_takes_tasks():
+    q, k, v = _attention_inputs(B=1, Hq=64, Hkv=1, L=1030, S=1030, D=8)  # 65920 queries: two per task
+    np.testing.assert_allclose(np.array(exact_sdpa(q, k, v, scale=0.3, mask="causal")),
+                               np.array(mx.fast.scaled_dot_product_attention(q, k, v, scale=0.3, mask="causal")),
+                               rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
 def test_exact_attention_ignores_padding_and_passes():
     """A row's output is the same bits left-padded in a batch (a frame step) and for a prompt in
     one causal pass or in chunks after its cache."""
@@ -155,6 +163,11 @@ def test_kernel_gradients_and_compile_equal_matmuls():
     assert np.array_equal(np.array(compiled(x, w)), 2 * np.array(kernel(x, w)))
     transposed = mx.random.normal((64, 3), key=mx.random.key(5)).T  # not row-contiguous
     np.testing.assert_allclose(np.array(kernel(transposed, w)), np.array(transposed @ w.T), rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+def test_kernel_takes_no_rows():
+    assert np.array(kernel(mx.zeros((0, 16)), mx.ones((5, 16)))).shape == (0, 5)
 
 
 @needs_kernel
