@@ -24,6 +24,7 @@ def cpu_kernels_extension():
     return [Extension(
         "csm_mlx._cpu_kernels",
         sources=["csm_mlx/cpu_kernels.cpp", str(nb_dir / "src" / "nb_combined.cpp")],
+        depends=["csm_mlx/cpu_kernels_lanes.inc"],
         include_dirs=[str(mlx_dir / "include"), str(nb_dir / "include"), str(nb_dir / "ext" / "robin_map" / "include")],
         library_dirs=[str(mlx_dir / "lib")],
         runtime_library_dirs=["$ORIGIN/../mlx/lib"],  # an installed package; editable ones find the libmlx mlx.core loaded

@@ -6,8 +6,9 @@
 // fraction of the memory bandwidth (MKL: 4 rows cost ~3.5x one row on one thread); here each
 // weight row is read once, straight from memory, for all rows of x at a time, so 4 rows cost
 // little more than one. A prompt's many rows take each block of weight rows, once it is in
-// cache, through all of its rows. Each output element is summed in one order (8 lanes along k,
-// then the lanes in a fixed tree, then the tail) whatever the rows, the thread or the block.
+// cache, through all of its rows (cpu_kernels_lanes.inc). Each output element is summed in one
+// order (W lanes along k, W = 16 where AVX-512 runs and 8 elsewhere, then the lanes in a fixed
+// tree, then the tail) whatever the rows, the thread or the block.
 // BLAS does not promise that: MKL's row 0 of an 8192 x 2048 product moves by up to 1.2e-4
 // between 1 and 400 rows.
 //
@@ -17,17 +18,21 @@
 // padding and the pass.
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <chrono>
 #include <cmath>
 #include <condition_variable>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <limits>
 #include <mutex>
 #include <optional>
+#include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include <nanobind/nanobind.h>
@@ -75,119 +80,6 @@ inline float sum8(v8f v) {
   return ((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7]));
 }
 
-// Rows [n0, n1) of y (M, N) for x (M, K) and w (N, K); R weight rows per step.
-template <int M, int R>
-void rows_kernel(const float* x, const float* w, float* y, int64_t K, int64_t N, int64_t n0, int64_t n1) {
-  const int64_t kv = K / 8 * 8;
-  int64_t n = n0;
-  for (; n + R <= n1; n += R) {
-    v8f acc[M][R] = {};
-    for (int64_t k = 0; k < kv; k += 8) {
-      v8f wv[R];
-      for (int r = 0; r < R; r++) {
-        wv[r] = load8(w + (n + r) * K + k);
-        __builtin_prefetch(w + (n + r) * K + k + PREFETCH);
-      }
-      for (int m = 0; m < M; m++) {
-        v8f xv = load8(x + m * K + k);
-        for (int r = 0; r < R; r++) acc[m][r] += wv[r] * xv;
-      }
-    }
-    for (int m = 0; m < M; m++)
-      for (int r = 0; r < R; r++) {
-        float s = sum8(acc[m][r]);
-        for (int64_t k = kv; k < K; k++) s += x[m * K + k] * w[(n + r) * K + k];
-        y[m * N + n + r] = s;
-      }
-  }
-  if constexpr (R > 1) {
-    if (n < n1) rows_kernel<M, 1>(x, w, y, K, N, n, n1);
-  }
-}
-
-// Accumulators M x R stay in 16 vector registers with the weights and x.
-template <int M>
-void kernel(const float* x, const float* w, float* y, int64_t K, int64_t N, int64_t n0, int64_t n1) {
-  rows_kernel<M, (M <= 2 ? 4 : (M <= 4 ? 2 : 1))>(x, w, y, K, N, n0, n1);
-}
-
-// Many rows (a prompt): GEMM-style, from packed copies of a block of weight rows and of a few
-// rows of x, so the loads of the inner loop run through memory in order. The 8-lane sums of a
-// (row, weight row) pair carry over from one block of k to the next in `part`, so each output
-// element still adds up its products in the order the kernel above uses.
-constexpr int64_t PACK_N = 48;    // weight rows per block (a task)
-constexpr int64_t PACK_K = 1024;  // columns per block
-constexpr int PACK_M = 4;         // rows of x per tile
-constexpr int PACK_R = 3;         // weight rows per tile: 12 accumulators, 3 weights, 1 x in 16 registers
-
-// xp [step][M][8] and wp [step][R][8] packed; part [m][P] of 8-lane sums
-template <int M, int R>
-void packed_tile(const float* xp, const float* wp, float* part, int64_t steps, int64_t P, bool first) {
-  v8f acc[M][R];
-  for (int m = 0; m < M; m++)
-    for (int r = 0; r < R; r++) acc[m][r] = first ? v8f{} : load8(part + (m * P + r) * 8);
-  for (int64_t s = 0; s < steps; s++) {
-    v8f wv[R];
-    for (int r = 0; r < R; r++) wv[r] = load8(wp + (s * R + r) * 8);
-    for (int m = 0; m < M; m++) {
-      v8f xv = load8(xp + (s * M + m) * 8);
-      for (int r = 0; r < R; r++) acc[m][r] += wv[r] * xv;
-    }
-  }
-  for (int m = 0; m < M; m++)
-    for (int r = 0; r < R; r++) store8(part + (m * P + r) * 8, acc[m][r]);
-}
-
-using Tile = void (*)(const float*, const float*, float*, int64_t, int64_t, bool);
-constexpr Tile TILES[PACK_M][PACK_R] = {{packed_tile<1, 1>, packed_tile<1, 2>, packed_tile<1, 3>},
-                                        {packed_tile<2, 1>, packed_tile<2, 2>, packed_tile<2, 3>},
-                                        {packed_tile<3, 1>, packed_tile<3, 2>, packed_tile<3, 3>},
-                                        {packed_tile<4, 1>, packed_tile<4, 2>, packed_tile<4, 3>}};
-
-// x (M, K) packed once per product for every block: tile by tile of PACK_M rows, column block by
-// column block, [step][row][8] within.
-void pack_rows(const float* x, float* xp, int64_t M, int64_t K) {
-  const int64_t kv = K / 8 * 8;
-  for (int64_t m0 = 0; m0 < M; m0 += PACK_M) {
-    const int64_t rows = std::min<int64_t>(PACK_M, M - m0);
-    for (int64_t k0 = 0; k0 < kv; k0 += PACK_K)
-      for (int64_t s = 0; s < std::min(PACK_K, kv - k0) / 8; s++)
-        for (int64_t m = 0; m < rows; m++)
-          std::memcpy(xp + m0 * kv + rows * k0 + (s * rows + m) * 8, x + (m0 + m) * K + k0 + s * 8, 8 * sizeof(float));
-  }
-}
-
-// Rows [n0, n1) of y (M, N) for x (M, K), packed as xp, and w (N, K); n1 - n0 <= PACK_N.
-void packed_block(const float* x, const float* xp, const float* w, float* y, int64_t M, int64_t K, int64_t N,
-                  int64_t n0, int64_t n1) {
-  thread_local std::vector<float> wp, part;
-  const int64_t nb = n1 - n0, kv = K / 8 * 8;
-  wp.resize(nb * PACK_K), part.resize(M * nb * 8);
-  for (int64_t k0 = 0; k0 < kv; k0 += PACK_K) {
-    const int64_t steps = std::min(PACK_K, kv - k0) / 8;
-    for (int64_t g = 0; g < nb; g += PACK_R) {
-      const int64_t R = std::min<int64_t>(PACK_R, nb - g);
-      for (int64_t s = 0; s < steps; s++)
-        for (int64_t r = 0; r < R; r++)
-          std::memcpy(&wp[(g * steps + s * R + r) * 8], w + (n0 + g + r) * K + k0 + s * 8, 8 * sizeof(float));
-    }
-    for (int64_t m0 = 0; m0 < M; m0 += PACK_M) {
-      const int64_t rows = std::min<int64_t>(PACK_M, M - m0);
-      for (int64_t g = 0; g < nb; g += PACK_R) {
-        const int64_t R = std::min<int64_t>(PACK_R, nb - g);
-        TILES[rows - 1][R - 1](xp + m0 * kv + rows * k0, wp.data() + g * steps * 8, part.data() + (m0 * nb + g) * 8,
-                               steps, nb, k0 == 0);
-      }
-    }
-  }
-  for (int64_t m = 0; m < M; m++)
-    for (int64_t n = 0; n < nb; n++) {
-      float s = kv > 0 ? sum8(load8(part.data() + (m * nb + n) * 8)) : 0.0f;
-      for (int64_t k = kv; k < K; k++) s += x[m * K + k] * w[(n0 + n) * K + k];
-      y[m * N + n0 + n] = s;
-    }
-}
-
 // One query's attention over the keys it may see (visible(j), j < S), in key order: q (D),
 // keys and values at k + j * k_step, v + j * v_step; out (D); scores, S floats of scratch.
 template <typename Visible>
@@ -225,10 +117,6 @@ void attend(const float* q, const float* k, int64_t k_step, const float* v, int6
 #if defined(__x86_64__)
 #pragma GCC pop_options
 #endif
-
-using Kernel = void (*)(const float*, const float*, float*, int64_t, int64_t, int64_t, int64_t);
-constexpr Kernel KERNELS[MAX_ROWS] = {kernel<1>, kernel<2>, kernel<3>, kernel<4>,
-                                      kernel<5>, kernel<6>, kernel<7>, kernel<8>};
 
 inline void cpu_relax() {
 #if defined(__x86_64__)
@@ -326,18 +214,48 @@ Pool& pool() {
   return *p;
 }
 
+// The products, once per vector width (cpu_kernels_lanes.inc); the widest this CPU runs is used.
+#if defined(__x86_64__)
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace lanes8 {
+constexpr int W = 8;
+#include "cpu_kernels_lanes.inc"
+}  // namespace lanes8
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx2,fma")
+namespace lanes16 {
+constexpr int W = 16;
+#include "cpu_kernels_lanes.inc"
+}  // namespace lanes16
+#pragma GCC pop_options
+#else
+namespace lanes8 {
+constexpr int W = 8;
+#include "cpu_kernels_lanes.inc"
+}  // namespace lanes8
+#endif
+
+// 16 lanes where AVX-512 runs (CSM_MLX_KERNEL_LANES=8 keeps 8): fixed for the process, so that
+// every product sums in the same order.
+int lanes() {
+  static const int n = [] {
+#if defined(__x86_64__)
+    const char* env = std::getenv("CSM_MLX_KERNEL_LANES");
+    if (__builtin_cpu_supports("avx512f") && !(env != nullptr && std::string(env) == "8")) return 16;
+#endif
+    return 8;
+  }();
+  return n;
+}
+
 void products(const float* x, const float* w, float* y, int64_t M, int64_t K, int64_t N) {
-  if (M == 0 || N == 0) return;
-  const int64_t blocks = (N + BLOCK - 1) / BLOCK;
-  if (M <= MAX_ROWS) {
-    pool().run(blocks, [&](int64_t b) { KERNELS[M - 1](x, w, y, K, N, b * BLOCK, std::min(N, (b + 1) * BLOCK)); });
-    return;
-  }
-  std::vector<float> xp(M * (K / 8 * 8));
-  pack_rows(x, xp.data(), M, K);
-  pool().run((N + PACK_N - 1) / PACK_N, [&](int64_t b) {
-    packed_block(x, xp.data(), w, y, M, K, N, b * PACK_N, std::min(N, (b + 1) * PACK_N));
-  });
+#if defined(__x86_64__)
+  if (lanes() == 16) return lanes16::products(x, w, y, M, K, N);
+#endif
+  lanes8::products(x, w, y, M, K, N);
 }
 
 void check_cpu_float32(const char* op, std::initializer_list<const mx::array*> arrays) {
@@ -540,5 +458,6 @@ NB_MODULE(_cpu_kernels, m) {
         "the keys it sees, in key order.");
   m.def("supported", &cpu_supported, "Whether this CPU runs the kernels (x86-64: AVX2 and FMA).");
   m.def("threads", [] { return pool().threads(); }, "Threads that share a job.");
+  m.def("lanes", &lanes, "Vector lanes of every product's sums here: 16 with AVX-512, else 8.");
   m.attr("MLX_VERSION") = CSM_MLX_BUILT_WITH;
 }

@@ -1,6 +1,11 @@
 """CPU kernels (csm_mlx/cpu_kernels.cpp): products and attention give MLX's numbers up to the order
 of the sums, and a row the same bits in any batch, any pass and beside any padding."""
 
+import os
+import subprocess
+import sys
+import textwrap
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -163,6 +168,27 @@ def test_kernel_gradients_and_compile_equal_matmuls():
     assert np.array_equal(np.array(compiled(x, w)), 2 * np.array(kernel(x, w)))
     transposed = mx.random.normal((64, 3), key=mx.random.key(5)).T  # not row-contiguous
     np.testing.assert_allclose(np.array(kernel(transposed, w)), np.array(transposed @ w.T), rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+def test_eight_lanes_where_avx512_would_give_sixteen():
+    """CSM_MLX_KERNEL_LANES=8 sums in 8 lanes, as CPUs without AVX-512 do: correct and the same
+    bits in any passes there too (the other tests run the widest this CPU has)."""
+    script = textwrap.dedent("""
+        import numpy as np, mlx.core as mx
+        from csm_mlx.blas import cpu_kernels
+        kernels = cpu_kernels()
+        assert kernels.lanes() == 8
+        w = mx.random.normal((101, 1030), key=mx.random.key(1))
+        x = mx.random.normal((70, 1030), key=mx.random.key(2))
+        whole = np.array(kernels.exact_matmul(x, w))
+        exact = np.array(x).astype(np.float64) @ np.array(w).T.astype(np.float64)
+        assert np.abs(whole - exact).max() < 1e-3
+        for size in (1, 8, 13):
+            parts = [np.array(kernels.exact_matmul(x[i : i + size], w)) for i in range(0, 70, size)]
+            assert np.array_equal(np.concatenate(parts), whole)
+    """)
+    subprocess.run([sys.executable, "-c", script], env={**os.environ, "CSM_MLX_KERNEL_LANES": "8"}, check=True)
 
 
 @needs_kernel
