@@ -132,12 +132,11 @@ def use_training_products(model) -> bool:
     """Undo use_cpu_kernels for training: plain Linear layers and mx.fast attention (gradients
     are BLAS products either way, and BLAS computes a long sequence's forward faster); whether
     the model used the kernels."""
-    import mlx.nn as nn
-
-    used = any(type(m) is not nn.Linear for m in model.modules() if isinstance(m, nn.Linear))
+    attentions = _attentions(model)
+    used = any(isinstance(m, exact_linear()) for m in model.modules()) or any("sdpa" in a.__dict__ for a in attentions)
     _swap_linears(model, nn_linear=False)
-    for attention in _attentions(model):
-        used = attention.__dict__.pop("sdpa", None) is not None or used
+    for attention in attentions:
+        attention.__dict__.pop("sdpa", None)
     return used
 
 

@@ -58,65 +58,13 @@ constexpr int64_t PREFETCH = 256;  // floats ahead in each weight row
 bool cpu_supported() {
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 }
+#pragma GCC pop_options
 #else
 bool cpu_supported() {
   return true;
 }
 #endif
 
-typedef float v8f __attribute__((vector_size(32)));
-
-inline v8f load8(const float* p) {
-  v8f v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-inline void store8(float* p, v8f v) {
-  std::memcpy(p, &v, sizeof(v));
-}
-
-inline float sum8(v8f v) {
-  return ((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7]));
-}
-
-// One query's attention over the keys it may see (visible(j), j < S), in key order: q (D),
-// keys and values at k + j * k_step, v + j * v_step; out (D); scores, S floats of scratch.
-template <typename Visible>
-void attend(const float* q, const float* k, int64_t k_step, const float* v, int64_t v_step, int64_t S, int64_t D,
-            float scale, Visible visible, float* out, float* scores) {
-  const int64_t dv = D / 8 * 8;
-  float qs[512];  // D <= 512, checked when the op is made
-  for (int64_t d = 0; d < D; d++) qs[d] = q[d] * scale;
-  float top = -std::numeric_limits<float>::infinity();
-  for (int64_t j = 0; j < S; j++) {
-    if (!visible(j)) continue;
-    const float* kj = k + j * k_step;
-    v8f acc = {};
-    for (int64_t d = 0; d < dv; d += 8) acc += load8(qs + d) * load8(kj + d);
-    float s = sum8(acc);
-    for (int64_t d = dv; d < D; d++) s += qs[d] * kj[d];
-    scores[j] = s;
-    top = std::max(top, s);
-  }
-  std::fill(out, out + D, 0.0f);
-  float total = 0.0f;
-  for (int64_t j = 0; j < S; j++) {
-    if (!visible(j)) continue;
-    const float p = std::exp(scores[j] - top);
-    total += p;
-    const float* vj = v + j * v_step;
-    const v8f pv = {p, p, p, p, p, p, p, p};
-    for (int64_t d = 0; d < dv; d += 8) store8(out + d, load8(out + d) + pv * load8(vj + d));
-    for (int64_t d = dv; d < D; d++) out[d] += p * vj[d];
-  }
-  if (total > 0.0f)  // a query that sees no key (a padding row) stays 0
-    for (int64_t d = 0; d < D; d++) out[d] /= total;
-}
-
-#if defined(__x86_64__)
-#pragma GCC pop_options
-#endif
 
 inline void cpu_relax() {
 #if defined(__x86_64__)
@@ -236,6 +184,52 @@ namespace lanes8 {
 constexpr int W = 8;
 #include "cpu_kernels_lanes.inc"
 }  // namespace lanes8
+#endif
+
+// Attention in the 8-lane build's vectors: its sums need no order shared with the products.
+#if defined(__x86_64__)
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#endif
+namespace lanes8 {
+
+// One query's attention over the keys it may see (visible(j), j < S), in key order: q (D),
+// keys and values at k + j * k_step, v + j * v_step; out (D); scores, S floats of scratch.
+template <typename Visible>
+void attend(const float* q, const float* k, int64_t k_step, const float* v, int64_t v_step, int64_t S, int64_t D,
+            float scale, Visible visible, float* out, float* scores) {
+  const int64_t dv = D / W * W;
+  float qs[512];  // D <= 512, checked when the op is made
+  for (int64_t d = 0; d < D; d++) qs[d] = q[d] * scale;
+  float top = -std::numeric_limits<float>::infinity();
+  for (int64_t j = 0; j < S; j++) {
+    if (!visible(j)) continue;
+    const float* kj = k + j * k_step;
+    vf acc = {};
+    for (int64_t d = 0; d < dv; d += W) acc += loadv(qs + d) * loadv(kj + d);
+    float s = sum_lanes(acc);
+    for (int64_t d = dv; d < D; d++) s += qs[d] * kj[d];
+    scores[j] = s;
+    top = std::max(top, s);
+  }
+  std::fill(out, out + D, 0.0f);
+  float total = 0.0f;
+  for (int64_t j = 0; j < S; j++) {
+    if (!visible(j)) continue;
+    const float p = std::exp(scores[j] - top);
+    total += p;
+    const float* vj = v + j * v_step;
+    const vf pv = vf{} + p;
+    for (int64_t d = 0; d < dv; d += W) storev(out + d, loadv(out + d) + pv * loadv(vj + d));
+    for (int64_t d = dv; d < D; d++) out[d] += p * vj[d];
+  }
+  if (total > 0.0f)  // a query that sees no key (a padding row) stays 0
+    for (int64_t d = 0; d < D; d++) out[d] /= total;
+}
+
+}  // namespace lanes8
+#if defined(__x86_64__)
+#pragma GCC pop_options
 #endif
 
 // 16 lanes where AVX-512 runs (CSM_MLX_KERNEL_LANES=8 keeps 8): fixed for the process, so that
@@ -375,7 +369,7 @@ class ExactAttention : public mx::UnaryPrimitive {
           const bool* row = mask ? mask + b * mask_batch + i * S : nullptr;
           const int64_t last = causal ? S - L + i : S - 1;
           auto visible = [&](int64_t j) { return j <= last && (row == nullptr || row[j]); };
-          attend(qp + b * q.strides(0) + h * q.strides(1) + i * q.strides(2),
+          lanes8::attend(qp + b * q.strides(0) + h * q.strides(1) + i * q.strides(2),
                  kp + b * k.strides(0) + hk * k.strides(1), k.strides(2), vp + b * v.strides(0) + hk * v.strides(1),
                  v.strides(2), S, D, scale, visible, op + n * D, scores.data());
         }
