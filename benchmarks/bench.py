@@ -28,12 +28,14 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-from csm_mlx.blas import use_cpu_kernels
 from csm_mlx.checkpoint import DTYPES, quantize
 from csm_mlx.codec import Mimi
-from csm_mlx.frames import frame_decoder, generate_batch_frames, generate_frames, make_frame_sampler, prefill
+from csm_mlx.frame_batch import PREFILL_ROWS, FrameBatch, frame_step
 from csm_mlx.models import Model, ModelArgs, TransformerArgs
 from csm_mlx.options import FRAME_MS
+from csm_mlx.prompt import text_rows
+from csm_mlx.sampling import Filters, Sampling, row_params
+from csm_mlx.utterance import Chunk, Utterance, random_key
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
 from speech_fixtures import make_mimi  # noqa: E402  (random Mimi weights in the real layout)
@@ -54,17 +56,22 @@ def median_time(fn, repeat: int) -> float:
     return statistics.median(times)
 
 
+def text_tokens(model: Model, rows: int):
+    return np.random.default_rng(0).integers(0, model.args.text_vocab_size, rows).tolist()
+
+
 def text_prompt(model: Model, rows: int):
-    tokens = np.zeros((rows, 33), np.int32)
-    tokens[:, -1] = np.random.default_rng(0).integers(0, model.args.text_vocab_size, rows)
-    mask = np.zeros_like(tokens, bool)
-    mask[:, -1] = True
-    return tokens, mask
+    return text_rows(text_tokens(model, rows), model.args.audio_num_codebooks)
 
 
-def never_ends(sampler):
-    """The sampler, kept off the all-zero end-of-speech frame so every run has the same length."""
-    return lambda logits: mx.maximum(sampler(logits), 1)
+def greedy_rows(model: Model, prompt_rows: int, frames: int, batch: int = 1):
+    """A FrameBatch of batch greedy rows after a text prompt, each capped at frames frames (the
+    random model never sends its end of speech, so every run has the same length)."""
+    frame_batch = FrameBatch(model)
+    for _ in range(batch):
+        frame_batch.insert(Utterance([], [Chunk(text_tokens(model, prompt_rows), frames)], Sampling(temperature=0),
+                                     random_key(0)))
+    return frame_batch
 
 
 def random_weights(args: ModelArgs, reference: bool):
@@ -123,7 +130,9 @@ def prefill_time(model: Model, rows: int) -> float:
     mx.eval(x)
 
     def run():
-        mx.eval(prefill(model, x, model.backbone.make_cache()))
+        cache = model.backbone.make_cache()
+        for start in range(0, rows, PREFILL_ROWS):  # in FrameBatch's passes
+            mx.eval(model.backbone(x[:, start : start + PREFILL_ROWS], cache))
 
     start = time.perf_counter()
     run()
@@ -132,13 +141,13 @@ def prefill_time(model: Model, rows: int) -> float:
 
 
 def frame_times(model: Model, prompt_rows: int, frames: int, warmup: int = 3):
-    tokens, mask = text_prompt(model, prompt_rows)
-    sampler = never_ends(make_frame_sampler(temperature=0))
+    frame_batch = greedy_rows(model, prompt_rows, frames + warmup + 1)
     start = time.perf_counter()
     stamps, first_frame = [], None
-    for frame in generate_frames(model, tokens, mask, sampler, frames + warmup + 1):
-        stamps.append(time.perf_counter())
-        first_frame = first_frame if first_frame is not None else frame
+    for _, frame in frame_batch.drain():
+        if frame is not None:
+            stamps.append(time.perf_counter())
+            first_frame = first_frame if first_frame is not None else frame
     return stamps[0] - start, first_frame, statistics.median(np.diff(stamps)[warmup:])
 
 
@@ -149,28 +158,32 @@ def clock_shares(model: Model, repeat: int = 5):
     mx.eval(model.backbone(model.embed_rows(mx.array(tokens)[None], mx.array(mask)[None]), cache))
     row = model.embed_frames(mx.ones((1, 1, 32), mx.int32))
     h = mx.random.normal((1, model.args.backbone.hidden_size)).astype(row.dtype)
-    decode = frame_decoder(model, make_frame_sampler(temperature=0))
-    mx.eval(row, h, decode(h))
+    greedy = [Sampling(temperature=0)]
+    decode = frame_step(model, Filters.of(greedy))
+    params, keys = row_params(greedy), random_key(0)[None]
+    mx.eval(row, h, decode(h, params, keys))
 
     def step():
         mx.eval(model.backbone(row, cache))
         for c in cache:
             c.trim(1)
 
-    return median_time(step, repeat), median_time(lambda: mx.eval(decode(h)), repeat)
+    return median_time(step, repeat), median_time(lambda: mx.eval(decode(h, params, keys)), repeat)
 
 
 def batch_frames_per_s(model: Model, batch: int, frames: int, warmup: int = 3) -> float:
     """Frames per second summed over a batch of 200-row prompts generated together."""
-    prompt = text_prompt(model, 200)
-    sampler = never_ends(make_frame_sampler(temperature=0))
-    stamps = [time.perf_counter() for _ in generate_batch_frames(model, [prompt] * batch, sampler, frames + warmup + 1)]
+    frame_batch = greedy_rows(model, 200, frames + warmup + 1, batch)
+    stamps = []
+    while frame_batch.busy:
+        if any(frame is not None for _, frame in frame_batch.step()):
+            stamps.append(time.perf_counter())
     return batch / statistics.median(np.diff(stamps)[warmup:])
 
 
 def naive_frame_time(model: Model, frames: int) -> float:
     """The straightforward loop: eager, and waits for each codebook before the next."""
-    sampler = never_ends(make_frame_sampler(temperature=0))
+    sampler = lambda logits: mx.argmax(logits[..., :2048], axis=-1)  # noqa: E731
     tokens, mask = text_prompt(model, 200)
     cache = model.backbone.make_cache()
     h = model.backbone(model.embed_rows(mx.array(tokens)[None], mx.array(mask)[None]), cache)[:, -1]
@@ -237,7 +250,6 @@ def run(size: str, precisions, frames: int, reference: bool, naive: bool, growth
         model = Model(args)
         model.load_weights(list(float_state.items()))
         model = with_precision(model, precision)
-        use_cpu_kernels(model)  # as load_model does (CSM_MLX_KERNELS=off: MKL and mx.fast)
         mx.reset_peak_memory()
         first_frame_s, first_frame, per_frame = frame_times(model, 200, frames)
         mimi.reset()

@@ -24,9 +24,11 @@ import csm_mlx  # noqa: F401  (loads the optimized BLAS before MLX runs anything
 import mlx.core as mx
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench import SIZES, never_ends  # noqa: E402
+from bench import SIZES  # noqa: E402
 
-from csm_mlx.frames import frame_decoder, make_frame_sampler  # noqa: E402
+from csm_mlx.frame_batch import frame_step  # noqa: E402
+from csm_mlx.sampling import Filters, Sampling, row_params  # noqa: E402
+from csm_mlx.utterance import random_key  # noqa: E402
 from csm_mlx.models import Model  # noqa: E402
 
 LAYERS = {
@@ -81,7 +83,7 @@ def tiny_profile(frames=300):
     args = SIZES["tiny"]()
     model = Model(args)
     mx.eval(model.parameters())
-    sampler = never_ends(make_frame_sampler(temperature=0))
+    sampler = lambda logits: mx.argmax(logits[..., :2048], axis=-1)  # noqa: E731
 
     cache = model.decoder.make_cache()
     model.decoder(model.projection(mx.zeros((1, 2, args.backbone.hidden_size))), cache)
@@ -95,8 +97,10 @@ def tiny_profile(frames=300):
     print(f"one depth-decoder step (2 layers, codebook head, sampling): {sum(nodes.values())} graph nodes")
     print("  " + ", ".join(f"{k} {v}" for k, v in nodes.most_common()))
 
-    decode = frame_decoder(model, sampler)
+    greedy = [Sampling(temperature=0)]
+    step, params, keys = frame_step(model, Filters.of(greedy)), row_params(greedy), random_key(0)[None]
     h = mx.random.normal((1, args.backbone.hidden_size))
+    decode = lambda h: step(h, params, keys)[0]  # noqa: E731
     for _ in range(10):
         mx.eval(decode(h))
     before = thread_cpu_seconds()

@@ -33,7 +33,6 @@ import soundfile as sf
 import uvicorn
 
 from csm_mlx import CSM, Segment
-from csm_mlx.blas import use_cpu_kernels
 from csm_mlx.codec import Mimi
 from csm_mlx.models import Model
 from csm_mlx.server import build_app
@@ -52,7 +51,6 @@ VOICE_TEXT = "Hello from MLX. How are you today?"
 
 def build_csm(size: str, workdir: Path) -> CSM:
     model = Model(SIZES[size]())
-    use_cpu_kernels(model)  # as load_model does
     mx.eval(model.parameters())
     tokenizer = TextTokenizer(make_tokenizer(workdir / "tokenizer.json"))
     return CSM(model, tokenizer, Mimi(make_mimi(workdir / "mimi.safetensors")))

@@ -12,16 +12,17 @@ import mlx.core as mx
 import numpy as np
 
 from csm_mlx import hub
-from csm_mlx.api import CSM, VOICES
-from csm_mlx.audio import AudioError, AudioWriter, check_output_path, read_audio, write_audio
+from csm_mlx.api import CSM
+from csm_mlx.audio import AudioError, AudioWriter, check_output_path, fade_ends, read_audio, write_audio
 from csm_mlx.checkpoint import DTYPES, CheckpointError
 from csm_mlx.codec import SAMPLE_RATE, CodecError
 from csm_mlx.context import ContextError
-from csm_mlx.conversation import ScriptError, fade_ends, read_script
 from csm_mlx.options import FRAME_MS, RULES, OptionError, check_options, check_text
 from csm_mlx.player import PlaybackError
+from csm_mlx.script import ScriptError, read_script
 from csm_mlx.segment import Segment
 from csm_mlx.tokenizer import TokenizerError
+from csm_mlx.voices import VOICES
 from csm_mlx.watermark import PUBLIC_KEY, WatermarkError, format_key, parse_key
 
 USER_ERRORS = (PlaybackError, ValueError, CheckpointError, hub.HubError, AudioError, CodecError, TokenizerError,

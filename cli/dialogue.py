@@ -5,9 +5,9 @@ import sys
 import time
 from pathlib import Path
 
-from csm_mlx.api import VOICES
+from csm_mlx.voices import VOICES
 from csm_mlx.audio import check_output_path, read_audio
-from csm_mlx.conversation import read_script
+from csm_mlx.script import read_script
 from csm_mlx.segment import Segment
 
 from .args import (CliError, OutDir, Parser, add_model_arguments, add_sampling_arguments, check_not_inputs,

@@ -100,6 +100,7 @@ def run(args) -> None:
     sock = listen(args.host, args.port)
     csm = load(args)
     engine = csm.engine(options["batch_size"], max_queue=args.max_queue, prefill_chunk=args.prefill_chunk)
+    stopped = False
     try:
         app = build_app(csm, engine, args.voices_dir, api_key=args.api_key, model_name=args.model_name)
         level = "warning" if args.quiet else "info" if args.verbose else "warning"
@@ -109,13 +110,9 @@ def run(args) -> None:
                   f"(max batch {args.max_batch}, voices in {args.voices_dir})", file=sys.stderr)
         uvicorn.Server(uvicorn.Config(app, log_level=level, access_log=args.verbose)).run(sockets=[sock])
     except KeyboardInterrupt:  # uvicorn stops cleanly on Ctrl-C or SIGTERM, then raises it again
-        engine.close()
-        sock.close()
-        print("csm-mlx: stopped", file=sys.stderr, flush=True)
-        # A server's normal end. Everything is closed and written: skip the extension modules'
-        # teardown, where a C++ runtime aborted ("terminate called without an active exception")
-        # in about a third of runs after a clean shutdown, turning it into exit status 134.
-        os._exit(0)
+        stopped = True
     finally:
         engine.close()
         sock.close()
+    if stopped:
+        print("csm-mlx: stopped", file=sys.stderr, flush=True)

@@ -10,7 +10,7 @@ import mlx.core as mx
 
 from csm_mlx.audio import AudioWriter, check_output_path
 from csm_mlx.codec import FRAME_SAMPLES, SAMPLE_RATE
-from csm_mlx.conversation import expected_seconds
+from csm_mlx.text import expected_seconds
 from csm_mlx.player import Player
 
 from .args import (CliError, Parser, Progress, add_context_arguments, add_model_arguments, add_sampling_arguments,

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Optional
 
 from csm_mlx.checkpoint import DTYPES, CheckpointError, check_quantization, load_model, quantize, save_model
-from csm_mlx.api import MIMI_FILE, TOKENIZER_FILE, WATERMARK_DIR, find_mimi, find_tokenizer, find_watermark
+from csm_mlx.hub import MIMI_FILE, TOKENIZER_FILE, WATERMARK_DIR, find_mimi, find_tokenizer, find_watermark
 from csm_mlx.cli.main import guarded
 from csm_mlx.finetune.adapters import AdapterError, fuse, load_adapters
 from csm_mlx.hub import HubError, resolve_model

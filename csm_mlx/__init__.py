@@ -1,24 +1,24 @@
 """csm-mlx: Sesame's Conversational Speech Model (CSM-1b) on Apple MLX."""
 
-from . import blas  # noqa: F401  (first: it must run before mlx.core is loaded)
+from . import blas  # noqa: F401  (first: on Linux it loads MKL, which must happen before mlx.core loads)
 
 # The public names load on first use (PEP 562): importing the package (the CLI does, to
 # start) stays quick, so a Ctrl-C while the CLI starts up meets its own handler.
 _EXPORTS = {
     "CSM": "api",
-    "Conversation": "conversation",
-    "CheckpointError": "checkpoint",
-    "load_model": "checkpoint",
     "Segment": "segment",
     "Speech": "segment",
-    "Model": "models",
-    "ModelArgs": "models",
-    "TransformerArgs": "models",
-    "TokenizedSegment": "frames",
-    "generate": "frames",
-    "generate_frames": "frames",
-    "make_frame_sampler": "frames",
-    "prompt_rows": "frames",
+    "Conversation": "conversation",
+    "load_model": "checkpoint",
+    "CheckpointError": "checkpoint",
+    "OptionError": "options",
+    "ContextError": "context",
+    "AudioError": "audio",
+    "CodecError": "codec",
+    "HubError": "hub",
+    "TokenizerError": "tokenizer",
+    "EngineError": "engine",
+    "EngineFull": "engine",
 }
 
 __all__ = sorted(_EXPORTS)

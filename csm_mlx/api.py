@@ -9,98 +9,28 @@
 import os
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Sequence
+from typing import Callable, Iterator, List, Optional, Sequence
 
 import mlx.core as mx
 import numpy as np
 
 from . import hub
-from .audio import check_context_audio, read_audio
+from .audio import read_audio
 from .checkpoint import load_model, read_config
 from .codec import FRAME_SAMPLES, SAMPLE_RATE, Mimi
-from .conversation import Conversation, frame_cap
+from .conversation import Conversation
 from .engine import Engine
 from .finetune import adapters
-from .frames import TokenizedSegment, generate_batch, stack_frames
-from .options import check_options, check_text, check_texts
-from .segment import Segment, Speech, check_speaker
+from .options import check_options, check_texts
+from .prompt import TokenizedSegment, stack_frames
+from .segment import Segment, Speech
 from .models import Model
+from .static_batch import speak_all
 from .text import chunk_text
 from .tokenizer import TextTokenizer
+from .utterance import make_utterance, tokenize_segment
+from .voices import VOICES
 from .watermark import PUBLIC_KEY, Watermarker, check_key
-
-MIMI_REPO = "kyutai/moshiko-pytorch-bf16"
-MIMI_FILE = "tokenizer-e351c8d8-checkpoint125.safetensors"
-TOKENIZER_REPO = "unsloth/Llama-3.2-1B"  # an ungated copy of the Llama-3.2 tokenizer
-TOKENIZER_FILE = "tokenizer.json"
-WATERMARK_DIR = "silentcipher"  # a bundled copy of SilentCipher's weights, beside the model
-
-# The voice prompts of the sesame/csm-1b repo (prompts/NAME.wav) and the reference demo's transcripts.
-VOICES: Dict[str, str] = {
-    "conversational_a": (
-        "like revising for an exam I'd have to try and like keep up the momentum because I'd "
-        "start really early I'd be like okay I'm gonna start revising now and then like "
-        "you're revising for ages and then I just like start losing steam I didn't do that "
-        "for the exam we had recently to be fair that was a more of a last minute scenario "
-        "but like yeah I'm trying to like yeah I noticed this yesterday that like Mondays I "
-        "sort of start the day with this not like a panic but like a"
-    ),
-    "conversational_b": (
-        "like a super Mario level. Like it's very like high detail. And like, once you get "
-        "into the park, it just like, everything looks like a computer game and they have all "
-        "these, like, you know, if, if there's like a, you know, like in a Mario game, they "
-        "will have like a question block. And if you like, you know, punch it, a coin will "
-        "come out. So like everyone, when they come into the park, they get like this little "
-        "bracelet and then you can go punching question blocks around."
-    ),
-    "read_speech_a": (
-        "And Lake turned round upon me, a little abruptly, his odd yellowish eyes, a little like those of "
-        "the sea eagle, and the ghost of his smile that flickered on his singularly pale face, with a stern "
-        "and insidious look, confronted me."
-    ),
-    "read_speech_b": (
-        "He was such a big boy that he wore high boots and carried a jack knife. He gazed and gazed at the "
-        "cap, and could not keep from fingering the blue tassel."
-    ),
-    "read_speech_c": (
-        "All passed so quickly, there was so much going on around him, the Tree quite forgot to look to himself."
-    ),
-    "read_speech_d": (
-        "Suddenly I was back in the old days Before you felt we ought to drift apart. It was some trick-the "
-        "way your eyebrows raise."
-    ),
-}
-
-
-def _given_file(explicit: os.PathLike) -> Path:
-    path = Path(explicit).expanduser()
-    if not path.is_file():
-        raise hub.HubError(f"{path} {'is a directory: give the file' if path.is_dir() else 'does not exist'}")
-    return path
-
-
-def _local_or_hub(explicit: Optional[os.PathLike], beside_model: Path, repo: str, filename: str) -> Path:
-    if explicit is not None:
-        return _given_file(explicit)
-    if beside_model.is_file():
-        return beside_model
-    return hub.download(repo, [filename]) / filename
-
-
-def find_tokenizer(model_dir: Path, explicit: Optional[os.PathLike] = None) -> Path:
-    """The tokenizer.json to use: explicit, else beside the model, else the ungated hub copy."""
-    return _local_or_hub(explicit, model_dir / TOKENIZER_FILE, TOKENIZER_REPO, TOKENIZER_FILE)
-
-
-def find_mimi(model_dir: Path, explicit: Optional[os.PathLike] = None) -> Path:
-    """The Mimi weights to use: explicit, else beside the model, else Kyutai's hub repo."""
-    return _local_or_hub(explicit, model_dir / MIMI_FILE, MIMI_REPO, MIMI_FILE)
-
-
-def find_watermark(model_dir: Path) -> Optional[Path]:
-    """The SilentCipher weights bundled beside the model, if any (else the hub's are used)."""
-    bundled = model_dir / WATERMARK_DIR
-    return bundled if bundled.is_dir() else None
 
 
 class CSM:
@@ -142,14 +72,14 @@ class CSM:
         # the cheap checks first: given paths, then the config, before any download or allocation
         for explicit in (tokenizer, mimi):
             if explicit is not None:
-                _given_file(explicit)
+                hub.given_file(explicit)
         if adapter_path is not None:
             adapters.read_config(adapter_path)
         model_dir = hub.resolve_model(model)
         read_config(model_dir)
         # without its weights nothing may be generated, and they load in a moment
-        watermarker = Watermarker.load(find_watermark(model_dir)) if watermark else None
-        tokenizer_path, mimi_path = find_tokenizer(model_dir, tokenizer), find_mimi(model_dir, mimi)
+        watermarker = Watermarker.load(hub.find_watermark(model_dir)) if watermark else None
+        tokenizer_path, mimi_path = hub.find_tokenizer(model_dir, tokenizer), hub.find_mimi(model_dir, mimi)
         csm_model, info = load_model(model_dir, dtype=None if dtype == "auto" else dtype)
         if dtype == "auto" and info["quantization"] is None and mx.default_device().type == mx.cpu:
             csm_model.set_dtype(mx.float32)
@@ -167,12 +97,8 @@ class CSM:
         return Segment(speaker, VOICES[name], read_audio(path), pinned=True)
 
     def tokenize(self, segment: Segment) -> TokenizedSegment:
-        check_speaker(segment.speaker)
-        check_text(segment.text, "context text")
-        codes = None
-        if segment.audio is not None:
-            codes = self.mimi.encode(check_context_audio(segment.audio, f"context audio of speaker {segment.speaker}"))
-        return TokenizedSegment(self.tokenizer.encode(segment.text, segment.speaker), codes, segment.pinned)
+        """A context turn as the model reads it (its audio encoded with Mimi)."""
+        return tokenize_segment(self.tokenizer, self.mimi, segment)
 
     def speech(self, codes: np.ndarray) -> Speech:
         """Speech for Mimi codes (32, frames), decoded in one pass and watermarked as a whole."""
@@ -184,16 +110,16 @@ class CSM:
     def engine(self, max_batch: int = 8, **kwargs) -> Engine:
         """A continuous-batching engine over this model, for many concurrent requests (a server's):
         submit() from any thread, iterate each request for its frames. Close it when done."""
-        return Engine(self, max_batch, **kwargs)
+        return Engine(self.model, self.tokenizer, self.mimi, max_batch, **kwargs)
 
     def conversation(self, context: Sequence[Segment] = ()) -> Conversation:
         """A conversation to speak turn after turn, each generated turn becoming context."""
-        return Conversation(self, context)
+        return Conversation(self.model, self.tokenizer, self.mimi, context, speech=self.speech)
 
     def frames(self, text: str, speaker: int = 0, context: Sequence[Segment] = (), **kwargs) -> Iterator[np.ndarray]:
         """Mimi frames (32,) of text spoken by speaker after the context, as they are generated;
         keyword arguments (chunking, frame cap, sampling, seed) as for Conversation.frames."""
-        return Conversation(self, context).frames(text, speaker, **kwargs)
+        return self.conversation(context).frames(text, speaker, **kwargs)
 
     def generate(
         self,
@@ -218,18 +144,18 @@ class CSM:
         texts: Sequence[str],
         speaker: int = 0,
         context: Sequence[Segment] = (),
-        *,
-        max_audio_length_ms: Optional[float] = None,
-        **sampling,
+        **options,
     ) -> List[Speech]:
-        """Speak several texts at once after the same context (a voice prompt, say); sampling
-        (temperature, top_k, top_p, min_p, seed) as for Conversation.frames.
+        """Speak several texts at once after the same context (a voice prompt, say); options
+        (max_audio_length_ms, sampling, seed, stop_after_repeats) as for Conversation.frames,
+        each text spoken whole (no chunking).
 
         Generation reads the weights once per step for the whole batch, so n texts take
-        little more time than one; greedy, each text gets the audio it gets alone."""
-        texts, speaker, max_audio_length_ms, sampling = self._check_batch(texts, speaker, max_audio_length_ms, sampling)
-        codes = self._batch_codes(Conversation(self, context), texts, speaker, max_audio_length_ms, sampling)
-        return [self.speech(c) for c in codes]
+        little more time than one; each text gets the frames generate gives it with the same
+        seed (see csm_mlx.frame_batch on ties in the last bits)."""
+        utterances = self._utterances(check_texts(texts), speaker, context, dict(options, chunk_chars=0))
+        codes = dict(speak_all(self.model, utterances, len(utterances)))
+        return [self.speech(codes[n]) for n in range(len(utterances))]
 
     def generate_many(
         self,
@@ -239,9 +165,7 @@ class CSM:
         *,
         batch_size: int = 8,
         chunk_chars: int = 250,
-        max_audio_length_ms: Optional[float] = None,
-        seed: Optional[int] = None,
-        **sampling,
+        **options,
     ) -> Iterator[Speech]:
         """Speak many independent texts (lines of a list, say) after the same context, batch_size
         chunks at a time; yield each text's Speech, in order, as soon as all its chunks are done.
@@ -251,45 +175,31 @@ class CSM:
         as generate does), and decoded as one stream: throughput for a shared voice prompt,
         at the cost of the cross-chunk continuity that generate keeps. Bad input fails here,
         not at the first line."""
-        texts, speaker, max_audio_length_ms, sampling = self._check_batch(
-            texts, speaker, max_audio_length_ms, dict(sampling, seed=seed))
-        seed = sampling.pop("seed")
-        options = check_options(batch_size=batch_size, chunk_chars=chunk_chars)
-        batch_size, chunk_chars = options["batch_size"], options["chunk_chars"]
-        items = [(n, chunk) for n, text in enumerate(texts)
-                 for chunk in (chunk_text(text, chunk_chars) if chunk_chars else [text])]
-        conversation = Conversation(self, context)
+        texts = check_texts(texts)
+        sizes = check_options(batch_size=batch_size, chunk_chars=chunk_chars)
+        batch_size, chunk_chars = sizes["batch_size"], sizes["chunk_chars"]
+        split = [chunk_text(text, chunk_chars) if chunk_chars else [text] for text in texts]
+        chunks = [chunk for text_chunks in split for chunk in text_chunks]
+        ends = np.cumsum([len(text_chunks) for text_chunks in split])
+        parts = [range(end - len(text_chunks), end) for end, text_chunks in zip(ends, split)]
+        utterances = self._utterances(chunks, speaker, context, dict(options, chunk_chars=0))
 
         def speak():
-            done: List[List[np.ndarray]] = [[] for _ in texts]
+            done = {}
             next_text = 0
-            for start in range(0, len(items), batch_size):
-                group = items[start : start + batch_size]
-                codes = self._batch_codes(conversation, [chunk for _, chunk in group], speaker, max_audio_length_ms,
-                                          dict(sampling, seed=seed if start == 0 else None))
-                for (n, _), c in zip(group, codes):
-                    done[n].append(c)
-                # a text is done when no later item belongs to it
-                first_pending = items[start + batch_size][0] if start + batch_size < len(items) else len(texts)
-                while next_text < first_pending:
-                    yield self.speech(np.concatenate(done[next_text], axis=1))
-                    done[next_text] = []
+            for n, codes in speak_all(self.model, utterances, batch_size):
+                done[n] = codes
+                while next_text < len(texts) and all(i in done for i in parts[next_text]):
+                    yield self.speech(np.concatenate([done.pop(i) for i in parts[next_text]], axis=1))
                     next_text += 1
 
         return speak()
 
-    def _check_batch(self, texts: Sequence[str], speaker: int, max_audio_length_ms: Optional[float], sampling: dict):
-        """Checked texts, speaker, frame cap and sampling options of a batch call."""
-        if "stop_after_repeats" in sampling:
-            raise TypeError("stop_after_repeats is not supported for batches: use max_audio_length_ms")
-        options = check_options(speaker=speaker, max_audio_length_ms=max_audio_length_ms, **sampling)
-        return check_texts(texts), options.pop("speaker"), options.pop("max_audio_length_ms"), options
-
-    def _batch_codes(self, conversation: Conversation, texts: Sequence[str], speaker: int,
-                     max_audio_length_ms: Optional[float], sampling: dict) -> List[np.ndarray]:
-        caps = [frame_cap(t, max_audio_length_ms) for t in texts]
-        prompts = [conversation.prompt(self.tokenizer.encode(t, speaker), max(caps)) for t in texts]
-        return generate_batch(self.model, prompts, max_frames=caps, **sampling)
+    def _utterances(self, texts: Sequence[str], speaker: int, context: Sequence[Segment], options: dict):
+        """One utterance per text after the same context (tokenized once); all checked first."""
+        history = [self.tokenize(s) for s in context]
+        window = self.model.args.backbone.max_seq_len
+        return [make_utterance(self.tokenizer, self.mimi, t, speaker, history, window=window, **options) for t in texts]
 
     def dialogue(self, turns: Sequence[Segment], voices: Sequence[Segment] = (), *, seed: Optional[int] = None,
                  **kwargs) -> Iterator[Speech]:
@@ -298,13 +208,14 @@ class CSM:
         Turns with audio are taken as spoken (they become context and come back as they
         are); the others are generated. voices are pinned prompts, e.g. one per speaker.
         Yields each turn's Speech as soon as it is done; arguments as for Conversation.frames."""
-        conversation = Conversation(self, [replace(v, pinned=True) for v in voices])
-        for n, turn in enumerate(turns):
+        conversation = self.conversation([replace(v, pinned=True) for v in voices])
+        for turn in turns:
             if turn.audio is not None:
                 conversation.add(turn)
                 yield Speech(np.asarray(turn.audio, np.float32), self.sample_rate, conversation.history[-1].audio_codes)
-            else:
-                yield conversation.say(turn.text, turn.speaker, seed=seed if n == 0 else None, **kwargs)
+            else:  # the first generated turn takes the seed; the others go on from its key
+                yield conversation.say(turn.text, turn.speaker, seed=seed, **kwargs)
+                seed = None
 
     def stream(
         self,

@@ -4,7 +4,7 @@ import io
 import os
 import secrets
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Sequence
 
 import numpy as np
 import soundfile as sf
@@ -192,3 +192,21 @@ def write_audio(path: os.PathLike, audio: np.ndarray, sample_rate: int = SAMPLE_
         writer.write(audio)
     return writer.path
 
+
+def fade_ends(audio: np.ndarray, sample_rate: int, fade_ms: float = 5) -> np.ndarray:
+    """A copy of audio with a short fade in and out, so a turn that starts or stops off zero does not click."""
+    audio = np.array(audio, dtype=np.float32)
+    ramp = np.linspace(0.0, 1.0, min(int(sample_rate * fade_ms / 1000), len(audio) // 2), dtype=np.float32)
+    if len(ramp):
+        audio[: len(ramp)] *= ramp
+        audio[len(audio) - len(ramp) :] *= ramp[::-1]
+    return audio
+
+
+def join_turns(turns: Sequence[np.ndarray], sample_rate: int, pause_ms: float = 300, fade_ms: float = 5) -> np.ndarray:
+    """One track from separately decoded turns: each faded at its ends, pause_ms of silence between."""
+    pause = np.zeros(int(sample_rate * pause_ms / 1000), np.float32)
+    parts = []
+    for n, audio in enumerate(turns):
+        parts += [pause, fade_ends(audio, sample_rate, fade_ms)] if n else [fade_ends(audio, sample_rate, fade_ms)]
+    return np.concatenate(parts) if parts else np.zeros(0, np.float32)

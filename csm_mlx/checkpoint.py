@@ -11,7 +11,6 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .blas import use_cpu_kernels
 from .codec import NUM_CODEBOOKS
 from .models import FLAVORS, Model, ModelArgs, TransformerArgs
 from .options import AUDIO_CODES
@@ -242,7 +241,6 @@ def load_model(
             for k, v in weights.items()
         }
     model.load_weights(list(weights.items()))
-    use_cpu_kernels(model)
     if not lazy:
         mx.eval(model.parameters())
     info = {

@@ -1,6 +1,7 @@
 """Where weights come from: a local directory, or a Hugging Face hub repo cached by huggingface_hub."""
 
 from pathlib import Path
+import os
 from typing import List, Optional
 
 from huggingface_hub import snapshot_download
@@ -58,3 +59,41 @@ def resolve_model(name: str) -> Path:
     if _looks_local(name):
         raise HubError(f"model directory {name} does not exist")
     return download(name, MODEL_FILES)
+
+
+MIMI_REPO = "kyutai/moshiko-pytorch-bf16"
+MIMI_FILE = "tokenizer-e351c8d8-checkpoint125.safetensors"
+TOKENIZER_REPO = "unsloth/Llama-3.2-1B"  # an ungated copy of the Llama-3.2 tokenizer
+TOKENIZER_FILE = "tokenizer.json"
+WATERMARK_DIR = "silentcipher"  # a bundled copy of SilentCipher's weights, beside the model
+
+
+def given_file(explicit: os.PathLike) -> Path:
+    path = Path(explicit).expanduser()
+    if not path.is_file():
+        raise HubError(f"{path} {'is a directory: give the file' if path.is_dir() else 'does not exist'}")
+    return path
+
+
+def _local_or_hub(explicit: Optional[os.PathLike], beside_model: Path, repo: str, filename: str) -> Path:
+    if explicit is not None:
+        return given_file(explicit)
+    if beside_model.is_file():
+        return beside_model
+    return download(repo, [filename]) / filename
+
+
+def find_tokenizer(model_dir: Path, explicit: Optional[os.PathLike] = None) -> Path:
+    """The tokenizer.json to use: explicit, else beside the model, else the ungated hub copy."""
+    return _local_or_hub(explicit, model_dir / TOKENIZER_FILE, TOKENIZER_REPO, TOKENIZER_FILE)
+
+
+def find_mimi(model_dir: Path, explicit: Optional[os.PathLike] = None) -> Path:
+    """The Mimi weights to use: explicit, else beside the model, else Kyutai's hub repo."""
+    return _local_or_hub(explicit, model_dir / MIMI_FILE, MIMI_REPO, MIMI_FILE)
+
+
+def find_watermark(model_dir: Path) -> Optional[Path]:
+    """The SilentCipher weights bundled beside the model, if any (else the hub's are used)."""
+    bundled = model_dir / WATERMARK_DIR
+    return bundled if bundled.is_dir() else None

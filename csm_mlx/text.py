@@ -1,7 +1,9 @@
 """Splitting long text into chunks the model speaks well: sentences, then clauses, then words."""
 
 import re
-from typing import List
+from typing import List, Optional
+
+from .options import FRAME_MS
 
 # Words that end in a period without ending a sentence (compared lower-case, without the final period).
 ABBREVIATIONS = {
@@ -62,3 +64,22 @@ def chunk_text(text: str, max_chars: int = 250) -> List[str]:
         raise ValueError("max_chars must be positive")
     pieces = [part for sentence in split_sentences(text) for part in _split_long(sentence, max_chars)]
     return _pack(pieces, max_chars)
+
+
+def max_audio_seconds(text: str) -> float:
+    """The default frame cap: 3 s plus 0.12 s per non-space character. Speech runs at about
+    12-15 characters a second, so a slow speaker gets ~50% headroom, while a model that never
+    says it is done stops soon after the text could have been spoken."""
+    return 3.0 + 0.12 * len("".join(text.split()))
+
+
+def expected_seconds(text: str) -> float:
+    """A rough length of text spoken at a conversational ~150 words per minute (0.4 s a word) plus
+    half a second; used to plan playback, never to cut speech."""
+    return 0.5 + 0.4 * len(text.split())
+
+
+def frame_cap(text: str, max_audio_length_ms: Optional[float]) -> int:
+    """Frames a chunk may take: max_audio_length_ms (checked: at least one frame), else from its length."""
+    seconds = max_audio_seconds(text) if max_audio_length_ms is None else max_audio_length_ms / 1000
+    return max(1, int(seconds * 1000 / FRAME_MS))

@@ -6,7 +6,7 @@
 import sys
 
 from csm_mlx import CSM
-from csm_mlx.conversation import expected_seconds
+from csm_mlx.text import expected_seconds
 from csm_mlx.player import Player
 
 text = sys.argv[1] if len(sys.argv) > 1 else "Streaming speech starts playing before it is finished."

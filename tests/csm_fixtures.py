@@ -194,3 +194,15 @@ def reference_greedy_frames(model, text_tokens, n_frames: int) -> np.ndarray:
         suppress_tokens=not_audio, depth_decoder_do_sample=False, depth_decoder_suppress_tokens=not_audio,
     )
     return out[0].numpy()
+
+
+def generate_codes(model, text_tokens, context=(), *, max_frames=125, seed=0, stop_after_repeats=None, **sampling):
+    """Codes (32, T) of text_tokens spoken after the context (TokenizedSegments), through the
+    frame core as one row; sampling as csm_mlx.sampling.Sampling takes it."""
+    from csm_mlx.sampling import Sampling
+    from csm_mlx.static_batch import speak_all
+    from csm_mlx.utterance import Chunk, Utterance, random_key
+
+    utterance = Utterance(list(context), [Chunk(list(text_tokens), max_frames)], Sampling(**sampling),
+                          random_key(seed), stop_after_repeats)
+    return next(speak_all(model, [utterance], 1))[1]

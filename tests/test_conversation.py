@@ -12,12 +12,14 @@ import soundfile as sf
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from csm_mlx import CSM, Segment, prompt_rows
+from csm_mlx import CSM, Segment
 from csm_mlx.context import ContextError, fit_context
-from csm_mlx.conversation import ScriptError, frame_cap, max_audio_seconds, read_script
-from csm_mlx.text import chunk_text, split_sentences
+from csm_mlx.prompt import prompt_rows
+from csm_mlx.script import ScriptError, read_script
+from csm_mlx.text import chunk_text, frame_cap, max_audio_seconds, split_sentences
 
 from speech_fixtures import interruptible
+from tie_check import assert_same_frames
 
 CLI = str(Path(sys.executable).parent / "csm-mlx")
 TURNS = [(0, "Hi there."), (1, "Hello, how are you?"), (0, "Fine, thanks."), (1, "Good to hear.")]
@@ -61,7 +63,9 @@ def test_kv_cache_reuse_gives_the_codes_of_a_fresh_prefill(csm):
     reused, fresh = csm.conversation(), csm.conversation()
     fresh.reuse_cache = False
     for speaker, text in TURNS:
-        np.testing.assert_array_equal(reused.say(text, speaker, **SHORT).codes, fresh.say(text, speaker, **SHORT).codes)
+        rows = fresh.prompt(csm.tokenizer.encode(text, speaker), 5)
+        expected = fresh.say(text, speaker, **SHORT).codes
+        assert_same_frames(csm.model, rows, SHORT, expected, reused.say(text, speaker, **SHORT).codes)
     # turn n only prefills the previous turn's last frame and end-of-audio row, and its own text
     text_rows = [len(csm.tokenizer.encode(t, s)) for s, t in TURNS]
     assert reused.prefilled_rows == [text_rows[0]] + [1 + 1 + n for n in text_rows[1:]]

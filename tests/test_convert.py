@@ -9,10 +9,11 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from csm_fixtures import TINY_ARGS, TINY_BACKBONE, TINY_DECODER, write_original
-from csm_mlx import CheckpointError, generate, load_model, prompt_rows
+from csm_fixtures import TINY_ARGS, TINY_BACKBONE, TINY_DECODER, generate_codes, write_original
+from csm_mlx import CheckpointError, load_model
 from csm_mlx.convert import convert
 from csm_mlx.hub import HubError
+from csm_mlx.prompt import prompt_rows
 
 CONVERT = str(Path(sys.executable).parent / "csm-mlx-convert")
 
@@ -49,7 +50,7 @@ def quantized_error(tmp_path_factory, original_dir, text_tokens, frames, float_c
         assert info["quantization"] == {"group_size": 64, "bits": bits}
         assert model.backbone.layers[0].self_attn.q_proj.bits == bits
         assert model.audio_embeddings.bits == bits
-        codes = generate(model, text_tokens, max_frames=6, temperature=0.9, top_k=50, seed=0)
+        codes = generate_codes(model, text_tokens, max_frames=6, temperature=0.9, top_k=50, seed=0)
         assert codes.shape == (32, 6) and codes.dtype.kind in "iu"
         assert codes.min() >= 0 and codes.max() < 2048
         errors[bits] = relative_rms(c0_logits(model, text_tokens, frames), float_c0)

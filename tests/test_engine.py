@@ -8,10 +8,13 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from csm_mlx import CSM, TokenizedSegment
+from csm_mlx import CSM
 from csm_mlx.context import ContextError
 from csm_mlx.engine import EngineFull
 from csm_mlx.options import OptionError
+from csm_mlx.prompt import TokenizedSegment
+
+from tie_check import assert_same_speech
 
 FRAMES = 8
 GREEDY = dict(temperature=0, max_audio_length_ms=FRAMES * 80)
@@ -37,10 +40,6 @@ def requests(csm):
         ("Short.", 0, [], dict(temperature=1.0, top_p=0.9, min_p=0.05, seed=11, max_audio_length_ms=480)),
         ("First part of it. Then the second part.", 1, [voice_a], dict(GREEDY, chunk_chars=20)),
     ]
-
-
-def solo(csm, text, speaker, context, options):
-    return csm.generate(text, speaker, context, **options).codes
 
 
 @contextlib.contextmanager
@@ -69,21 +68,19 @@ def test_call_runs_on_the_engine_thread_between_frames(engine):
 
 def test_alone_a_request_gets_what_csm_generate_gives(csm, engine):
     for text, speaker, context, options in requests(csm):
-        np.testing.assert_array_equal(engine.generate(text, speaker, context, **options),
-                                      solo(csm, text, speaker, context, options))
+        assert_same_speech(csm, text, speaker, context, options, engine.generate(text, speaker, context, **options))
 
 
 def test_concurrent_requests_each_get_their_solo_frames(csm, engine):
     """Submitted together (and one joining later, mid-stream, with a long prompt prefilled in
     chunks between steps), every request gets exactly the frames it gets alone."""
     items = requests(csm)
-    expected = [solo(csm, *item) for item in items]
     submitted = [engine.submit(text, speaker, context, **options) for text, speaker, context, options in items[:3]]
     first = submitted[0].get()
     late = engine.submit(*items[3][:3], **items[3][3])
     got = [np.concatenate([first[:, None], submitted[0].codes()], axis=1)] + [r.codes() for r in submitted[1:]] + [late.codes()]
-    for g, e in zip(got, expected):
-        np.testing.assert_array_equal(g, e)
+    for g, item in zip(got, items):
+        assert_same_speech(csm, *item, g)
     assert engine.active == 0 and engine.waiting == 0
 
 
@@ -124,7 +121,6 @@ def test_full_queue_and_bad_input_fail_at_submit(csm, engine):
 
 def test_requests_from_many_threads(csm, engine):
     texts = ["One.", "Two two.", "Three three three."]
-    expected = {t: solo(csm, t, 0, [], GREEDY) for t in texts}
     got = {}
 
     def client(text):
@@ -136,7 +132,7 @@ def test_requests_from_many_threads(csm, engine):
     for t in threads:
         t.join()
     for text in texts:
-        np.testing.assert_array_equal(got[text], expected[text])
+        assert_same_speech(csm, text, 0, [], GREEDY, got[text])
 
 
 def test_requests_arriving_together_are_prefilled_together(csm, engine):
@@ -145,13 +141,13 @@ def test_requests_arriving_together_are_prefilled_together(csm, engine):
     voice_a, voice_b = csm.voice("conversational_a", 0), csm.voice("conversational_b", 1)
     items = [("Hello from the engine.", 0, [voice_a], GREEDY), ("A second, different line.", 1, [voice_b], GREEDY),
              ("Short.", 1, [], GREEDY)]
-    expected = [solo(csm, *item) for item in items]
     steps = engine.steps
     with held(engine):
         submitted = [engine.submit(text, speaker, context, **options) for text, speaker, context, options in items]
-    for request, e in zip(submitted, expected):
-        np.testing.assert_array_equal(request.codes(), e)
-    assert engine.steps - steps == max(e.shape[1] for e in expected)
+    got = [request.codes() for request in submitted]
+    for g, item in zip(got, items):
+        assert_same_speech(csm, *item, g)
+    assert engine.steps - steps == max(g.shape[1] for g in got)
 
 
 def test_an_idle_engine_admits_requests_sent_together_at_once(csm):
@@ -173,16 +169,16 @@ def test_a_context_is_prefilled_once_and_reused(csm):
     voice_a, voice_b = csm.voice("conversational_a", 0), csm.voice("conversational_b", 1)
     texts = ["The first one.", "Then another one."]
     context_rows, other_rows = csm.tokenize(voice_a).rows, csm.tokenize(voice_b).rows
-    with csm.engine(max_batch=2, prefill_chunk=8, prefix_cache_rows=max(context_rows, other_rows)) as engine:
+    with csm.engine(max_batch=2, prefill_chunk=8, context_cache_rows=max(context_rows, other_rows)) as engine:
         with held(engine):
             first, second = [engine.submit(t, 0, [voice_a], **GREEDY) for t in texts]
         for request, text in zip((first, second), texts):
-            np.testing.assert_array_equal(request.codes(), solo(csm, text, 0, [voice_a], GREEDY))
+            assert_same_speech(csm, text, 0, [voice_a], GREEDY, request.codes())
         text_rows = [len(csm.tokenizer.encode(t, 0)) for t in texts]
         assert first.prefilled_rows == [context_rows + text_rows[0]]
         assert second.prefilled_rows == [text_rows[1]]
         other = engine.submit(texts[0], 1, [voice_b], **GREEDY)
-        np.testing.assert_array_equal(other.codes(), solo(csm, texts[0], 1, [voice_b], GREEDY))
+        assert_same_speech(csm, texts[0], 1, [voice_b], GREEDY, other.codes())
         again = engine.submit(texts[1], 0, [voice_a], **GREEDY)
-        np.testing.assert_array_equal(again.codes(), solo(csm, texts[1], 0, [voice_a], GREEDY))
+        assert_same_speech(csm, texts[1], 0, [voice_a], GREEDY, again.codes())
         assert again.prefilled_rows == [context_rows + text_rows[1]]  # voice_b's context took the budget

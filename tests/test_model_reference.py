@@ -7,14 +7,16 @@ import pytest
 import csm_mlx.models.csm as csm_module
 from csm_fixtures import (
     TINY_ARGS,
+    generate_codes,
     original_spec,
     reference_greedy_frames,
     reference_prompt_embeds,
     reference_teacher_forced_logits,
 )
-from csm_mlx import generate, load_model, prompt_rows, TokenizedSegment
+from csm_mlx import load_model
 from csm_mlx.convert import convert
 from csm_mlx.models import ModelArgs
+from csm_mlx.prompt import TokenizedSegment, prompt_rows
 
 N_FRAMES = 24
 TOLERANCE = 1e-4
@@ -76,7 +78,7 @@ def test_wrong_rope_convention_is_caught(monkeypatch, original_dir, reference, t
 
 
 def test_greedy_generation_matches_transformers(model, text_tokens, greedy_frames):
-    codes = generate(model, text_tokens, max_frames=N_FRAMES, temperature=0)
+    codes = generate_codes(model, text_tokens, max_frames=N_FRAMES, temperature=0)
     np.testing.assert_array_equal(codes.T, greedy_frames)
 
 

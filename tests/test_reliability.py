@@ -344,7 +344,7 @@ API_CASES = [
     (lambda c: list(c.generate_many("a string")), OptionError, "texts must be a list of strings"),
     (lambda c: list(c.generate_many(["ok", " "])), OptionError, "texts[1] is empty"),
     (lambda c: list(c.generate_many(["ok"], batch_size=0)), OptionError, "batch_size must be at least 1"),
-    (lambda c: c.generate_batch(["ok"], stop_after_repeats=3), TypeError, "not supported for batches"),
+    (lambda c: c.generate_batch(["ok"], stop_after_repeats=0), OptionError, "stop_after_repeats must be at least 1"),
     (lambda c: c.generate("Hi", context=[Segment(0, "x", np.full(4800, np.nan))]), AudioError, "NaN or infinite"),
     (lambda c: c.generate("Hi", context=[Segment(0, "x", np.zeros((2, 4800)))]), AudioError, "mono"),
     (lambda c: c.generate("Hi", context=[Segment(0, "x", np.zeros(24_000 * 200))]), AudioError, "200 s long"),

@@ -23,7 +23,7 @@ import uvicorn
 from csm_mlx import CSM
 from csm_mlx.cli.main import main as cli_main
 from csm_mlx.codec import Mimi
-from csm_mlx.server.voices import MimiPool
+from csm_mlx.server.mimi_pool import MimiPool
 from csm_mlx.server import build_app
 from csm_mlx.server.encoders import to_pcm16
 from csm_mlx.server.stream import AUDIO_NICE

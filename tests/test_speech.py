@@ -11,14 +11,18 @@ import rustymimi
 import soundfile as sf
 import soxr
 
-from csm_mlx import CSM, Segment, TokenizedSegment, generate
+from csm_mlx import CSM, Segment
+from csm_mlx.audio import join_turns
 from csm_mlx.cli.main import main as cli_main
 from csm_mlx.codec import Mimi
-from csm_mlx.conversation import join_turns
-from csm_mlx.api import VOICES
 from csm_mlx.hub import HubError
+from csm_mlx.prompt import TokenizedSegment
 from csm_mlx.text import chunk_text
 from csm_mlx.tokenizer import TextTokenizer
+from csm_mlx.voices import VOICES
+
+from csm_fixtures import generate_codes
+from tie_check import assert_same_speech
 
 CLI = str(Path(sys.executable).parent / "csm-mlx")
 FRAMES = 6
@@ -97,7 +101,7 @@ def test_context_audio_any_rate_and_channels(csm, mimi_path, tmp_path):
     # what reaches the model: the same greedy frames as a prompt built by hand from those codes
     via_api = csm.generate("reply", 0, [Segment(1, "what you said", read_audio(path))],
                            max_audio_length_ms=FRAMES * 80, temperature=0).codes
-    by_hand = generate(csm.model, csm.tokenizer.encode("reply", 0),
+    by_hand = generate_codes(csm.model, csm.tokenizer.encode("reply", 0),
                        [TokenizedSegment(csm.tokenizer.encode("what you said", 1), expected_codes)],
                        max_frames=FRAMES, temperature=0)
     np.testing.assert_array_equal(via_api, by_hand)
@@ -212,7 +216,7 @@ def test_bundled_mlx_directory_works_offline_without_the_hub(hub_cache, tmp_path
     assert sf.info(out).frames == FRAMES * 1920
 
 
-def test_auto_dtype_runs_float32_on_the_cpu(tmp_path, original_dir, tokenizer_path, mimi_path):
+def test_auto_dtype_is_float32_on_a_cpu_and_as_stored_on_a_gpu(tmp_path, original_dir, tokenizer_path, mimi_path):
     import mlx.core as mx
 
     from csm_mlx.convert import convert
@@ -220,8 +224,8 @@ def test_auto_dtype_runs_float32_on_the_cpu(tmp_path, original_dir, tokenizer_pa
     bf16 = convert(str(original_dir), tmp_path / "bf16", dtype="bfloat16")
     auto = CSM.load(str(bf16), tokenizer=tokenizer_path, mimi=mimi_path, watermark=False)
     stored = CSM.load(str(bf16), tokenizer=tokenizer_path, mimi=mimi_path, dtype=None, watermark=False)
-    assert mx.default_device().type == mx.cpu
-    assert auto.model.codebook0_head.weight.dtype == mx.float32
+    on_cpu = mx.default_device().type == mx.cpu
+    assert auto.model.codebook0_head.weight.dtype == (mx.float32 if on_cpu else mx.bfloat16)
     assert stored.model.codebook0_head.weight.dtype == mx.bfloat16
     q8 = CSM.load(str(convert(str(original_dir), tmp_path / "q8", dtype="bfloat16", quantize_weights=True, q_bits=8)),
                   tokenizer=tokenizer_path, mimi=mimi_path, watermark=False)
@@ -239,8 +243,12 @@ def test_many_lines_and_their_chunks_get_their_solo_frames(csm):
     speeches = list(csm.generate_many(texts, 1, [voice], batch_size=2, chunk_chars=30, **GREEDY))
     assert len(speeches) == 3
     for text, speech in zip(texts, speeches):
-        solo = [csm.generate(chunk, 1, [voice], chunk_chars=0, **GREEDY).codes for chunk in chunk_text(text, 30)]
-        np.testing.assert_array_equal(speech.codes, np.concatenate(solo, axis=1))
+        start = 0
+        for chunk in chunk_text(text, 30):
+            frames = csm.generate(chunk, 1, [voice], chunk_chars=0, **GREEDY).codes.shape[1]
+            assert_same_speech(csm, chunk, 1, [voice], dict(GREEDY, chunk_chars=0), speech.codes[:, start : start + frames])
+            start += frames
+        assert start == speech.codes.shape[1]
         # Mimi's decode (rustymimi, threaded) differs between calls in the last bits
         np.testing.assert_allclose(speech.audio, csm.speech(speech.codes).audio, atol=1e-5)
 

@@ -12,7 +12,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 import mlx.core as mx
 import numpy as np
 
-from ..frames import audio_rows, text_rows
+from ..prompt import audio_rows, text_rows
 from ..models.csm import IGNORE
 from .data import Example
 

@@ -18,7 +18,6 @@ from mlx.utils import tree_map
 from mlx_lm.models import llama
 from mlx_lm.tuner.trainer import TrainingArgs, grad_checkpoint
 
-from ..blas import use_cpu_kernels, use_training_products
 from ..models import Model
 from .adapters import save_adapters
 from .batches import DEPTH_DECODER_RATIO, iterate_batches
@@ -80,9 +79,6 @@ def train(
     adapter_file = Path(args.adapter_file)
     if args.grad_accumulation_steps < 1:
         raise ValueError("grad_accumulation_steps must be at least 1")
-    # a batch of whole sequences trains faster on BLAS and mx.fast than on the exact kernels,
-    # whose point (a row's numbers whatever its batch) is for generation: back to them after
-    kernels = use_training_products(model)
     restore = llama.TransformerBlock.__call__
     if args.grad_checkpoint:
         # mlx-lm's checkpointing patches the block class, shared by backbone and depth decoder.
@@ -138,7 +134,5 @@ def train(
         raise
     finally:
         llama.TransformerBlock.__call__ = restore
-        if kernels:
-            use_cpu_kernels(model)
     save(step, numbered=False)
     return step

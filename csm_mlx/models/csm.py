@@ -105,25 +105,6 @@ class PositionTableRoPE(nn.Module):
         return x * cos + swapped * sin
 
 
-class Attention(llama.Attention):
-    """mlx-lm's Llama attention, computed by its `sdpa`: mx.fast's, or for inference on the CPU
-    csm_mlx.blas's exact kernel (see use_cpu_kernels), which takes the same arguments."""
-
-    sdpa = staticmethod(mx.fast.scaled_dot_product_attention)
-
-    def __call__(self, x: mx.array, mask: Optional[Any] = None, cache: Optional[Any] = None) -> mx.array:
-        B, L, _ = x.shape
-        q = self.q_proj(x).reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)
-        k = self.k_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
-        v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
-        offset = 0 if cache is None else cache.offset
-        q, k = self.rope(q, offset=offset), self.rope(k, offset=offset)
-        if cache is not None:
-            k, v = cache.update_and_fetch(k, v)
-        out = self.sdpa(q, k, v, scale=self.scale, mask=mask)
-        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
-
-
 class Transformer(nn.Module):
     """A stack of Llama blocks and a final norm; no embedding, no head.
 
@@ -146,8 +127,6 @@ class Transformer(nn.Module):
             rope_scaling=args.rope_scaling,
         )
         self.layers = [llama.TransformerBlock(block_args) for _ in range(args.num_layers)]
-        for layer in self.layers:
-            layer.self_attn = Attention(block_args)
         if rope_positions is not None:
             for layer in self.layers:
                 layer.self_attn.rope = PositionTableRoPE(layer.self_attn.rope, args.head_dim, rope_positions)

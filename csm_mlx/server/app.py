@@ -29,11 +29,12 @@ from ..audio import AudioError, decode_audio
 from ..codec import SAMPLE_RATE, CodecError
 from ..context import ContextError
 from ..engine import Engine, EngineError, EngineFull
-from ..frames import TokenizedSegment
+from ..prompt import TokenizedSegment
 from ..options import OptionError, RULES, check_options, check_text
 from .encoders import FORMATS, MEDIA_TYPES
 from .stream import AudioTransform, run_audio
-from .voices import MimiPool, VoiceError, VoiceStore
+from .mimi_pool import MimiPool
+from .voices import VoiceError, VoiceStore
 
 log = logging.getLogger("csm_mlx.server")
 

@@ -13,7 +13,7 @@ import numpy as np
 
 from ..engine import Request
 from .encoders import Tempo, make_encoder
-from .voices import MimiPool
+from .mimi_pool import MimiPool
 
 log = logging.getLogger("csm_mlx.server")
 
