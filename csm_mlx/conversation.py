@@ -56,7 +56,8 @@ class Conversation:
         last turn left it. Bad input fails here, not at the first frame."""
         utterance = make_utterance(self.tokenizer, self.mimi, text, speaker, self.history, window=self.window,
                                    key=self._key, **options)
-        utterance.keep_cache = True
+        utterance.keep_cache = self.reuse_cache
+        said = len(self.history)
 
         def speak():
             utterance.kept = self._kept if self.reuse_cache else None
@@ -69,7 +70,7 @@ class Conversation:
                             yield frame
             finally:
                 batch.remove(row)
-                self.history = utterance.history
+                self.history.extend(utterance.history[said:])
                 self._kept, self._key = row.kept, row.key
                 self.prefilled_rows += utterance.prefilled_rows
 

@@ -4,7 +4,8 @@ One thread owns every MLX call (Metal is not thread-safe and MLX streams are per
 Requests are submitted from any thread and iterated from any thread; the engine thread inserts
 them into its FrameBatch at frame boundaries and steps it, so a request joins and leaves the
 batch at its own time. Everything about generating is the FrameBatch's (csm_mlx.frame_batch): a
-request gets the frames CSM.generate gives it with the same seed, because it is the same code.
+request gets the frames CSM.generate gives it with the same seed, because it is the same code (up
+to the last-bit ties described there).
 call() runs other MLX work (a stream's watermark, a Mimi load) on the engine thread between frames.
 
     engine = csm.engine(max_batch=8)
@@ -119,8 +120,8 @@ class Engine:
     """Continuous batching over one CSM model; see the module docstring.
 
     max_batch rows generate (or prefill) at once; up to max_queue more requests wait; beyond
-    that submit() raises EngineFull. prefill_chunk is the rows of a joining prompt run per step
-    while others generate. An idle engine waits admit_wait seconds after a request arrives, for
+    that submit() raises EngineFull. prefill_chunk is the rows of joining prompts (padded, all
+    together) run per step while others generate. An idle engine waits admit_wait seconds after a request arrives, for
     others sent with it. The backbone cache of a request's context (up to context_cache_rows
     rows in all, the most recently used kept) is reused by the next request with the same
     context: a server's voice prompt is prefilled once, and each request after it runs only its
@@ -190,7 +191,7 @@ class Engine:
                 raise EngineFull(f"all {self.max_batch} rows are busy and {self.max_queue} requests wait: "
                                  "try again shortly")
             self._in_flight += 1
-        self._inbox.put(request)
+            self._inbox.put(request)  # under the lock: close() cannot slip in between and leave it unread
         self._wake.set()
         return request
 
@@ -287,7 +288,11 @@ class Engine:
             if request.cancelled:
                 self._end(request)
                 continue
-            self._requests[self._batch.insert(request.utterance)] = request
+            try:
+                self._requests[self._batch.insert(request.utterance)] = request
+            except Exception as e:
+                self._end(request, EngineError(f"generation failed: {e}"))
+                raise
 
     def _drop_cancelled(self) -> None:
         for row, request in list(self._requests.items()):

@@ -25,7 +25,6 @@ into passes (matrix products and attention sum in an order that depends on the s
 changes a code only where two candidates are tied to the last bits.
 """
 
-import logging
 from collections import OrderedDict
 from functools import partial
 from typing import Dict, Iterator, List, Optional, Tuple
@@ -39,8 +38,6 @@ from .prompt import Rows, TokenizedSegment, audio_rows, shared_rows, stack_frame
 from .sampling import Filters, row_params, sample_codes
 from .utterance import KeptCache, Utterance
 
-log = logging.getLogger("csm_mlx")
-
 # Rows of a prompt per backbone pass when no row is generating: on the CPU backend attention
 # builds the whole score matrix, and passes of 512 rows were 18% faster for 1500 rows, with less memory.
 PREFILL_ROWS = 512
@@ -48,7 +45,7 @@ PREFILL_ROWS = 512
 # pause a running stream sees while another row joins; larger ones let it join sooner.
 PREFILL_CHUNK = 64
 # Rows of context (a voice prompt) whose backbone cache a batch keeps for the next row with the
-# same context: ~130 KB per row for csm-1b in float32, so ~540 MB.
+# same context: 64 KiB per row for csm-1b in float32, so 256 MiB.
 CONTEXT_CACHE_ROWS = 4096
 
 
@@ -57,7 +54,11 @@ def decode_frame(model: Model, h: mx.array, sample) -> mx.array:
     from the backbone's head, then one depth-decoder step per codebook. sample(logits) -> codes."""
     codes = [sample(model.codebook0_head(h))]
     cache = model.decoder.make_cache()
-    x = mx.stack([h, model.embed_audio(0, codes[0])], axis=1)
+    # The backbone state and codebook 0 enter the depth decoder one position at a time: BLAS
+    # runs a product of 2B rows as a (threaded) matrix-matrix product that costs ~3x two of B
+    # rows on a CPU; on a GPU one extra small pass is all it costs.
+    model.decoder(model.projection(h[:, None]), cache)
+    x = model.embed_audio(0, codes[0])[:, None]
     for k in range(1, model.args.audio_num_codebooks):
         d = model.decoder(model.projection(x), cache)[:, -1]
         codes.append(sample(model.codebook_logits(k, d)))
@@ -86,14 +87,13 @@ def frame_step(model: Model, filters: Filters):
 
 
 class Row:
-    """One utterance in the batch. frames counts the frames delivered; done is set when the last
-    chunk ends (or the row was removed); then kept holds its cache when the utterance asked."""
+    """One utterance in the batch. done is set when the last chunk ends (or the row was removed);
+    then kept holds its cache when the utterance asked, and key its random key as it stands."""
 
     def __init__(self, utterance: Utterance):
         self.utterance = utterance
         self.key = utterance.key
         self.chunk = 0
-        self.frames = 0
         self.done = False
         self.kept: Optional[KeptCache] = None
         self._cache: Optional[List[BatchKVCache]] = None  # its own, while it joins
@@ -188,7 +188,7 @@ class FrameBatch:
             self._finish(row, kept, end_chunk=False)
             return
         index = self._rows.index(row)
-        self._finish(row, self._extract(index), end_chunk=True)
+        self._finish(row, self._extract(index) if row.utterance.keep_cache else None, end_chunk=True)
         self._keep([i for i in range(len(self._rows)) if i != index])
 
     def step(self) -> List[Tuple[Row, Optional[np.ndarray]]]:
@@ -256,7 +256,6 @@ class FrameBatch:
             stop = utterance.stop_after_repeats is not None and row._run >= utterance.stop_after_repeats
         if not stop:
             row._spoken.append(frame)
-            row.frames += 1
             events.append((row, frame))
             stop = len(row._spoken) >= chunk.max_frames
         if not stop:

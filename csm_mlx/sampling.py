@@ -4,7 +4,7 @@ Every path (a single stream, a static batch, a conversation, the server) samples
 seeded row draws the same codes whichever batch it runs in. Filters, in this order, on the
 log-probabilities of the 2048 decodable codes: top-p, min-p, top-k; then a categorical draw at
 the row's temperature (0: greedy), as the argmax of the scaled log-probabilities plus Gumbel
-noise. Each codebook splits the row's key once.
+noise. Each codebook splits a sampling row's key once.
 """
 
 from dataclasses import dataclass
@@ -15,7 +15,7 @@ import numpy as np
 
 # ids 2048..2050 of the 2051-id audio vocabulary are not audio, so they are never sampled:
 # Mimi would fail on them.
-from .options import AUDIO_CODES, check_options
+from .options import AUDIO_CODES
 
 
 @dataclass(frozen=True)
@@ -26,10 +26,6 @@ class Sampling:
     top_k: int = 50
     top_p: float = 0.0
     min_p: float = 0.0
-
-    @classmethod
-    def checked(cls, **options) -> "Sampling":
-        return cls(**check_options(**options))
 
     @property
     def greedy(self) -> bool:
@@ -78,7 +74,8 @@ def _top_p(logprobs: mx.array, top_p: mx.array) -> mx.array:
     sorted_probs = mx.exp(sorted_logprobs)
     mass_above = mx.cumsum(sorted_probs, axis=-1, reverse=True, inclusive=False)
     total_mass = mass_above[..., :1] + sorted_probs[..., :1]
-    dropped = (mass_above >= top_p * total_mass).sum(axis=-1, keepdims=True)
+    # at most all but one (a row with top-p off has top_p 0, and its result is not used)
+    dropped = mx.minimum((mass_above >= top_p * total_mass).sum(axis=-1, keepdims=True), logprobs.shape[-1] - 1)
     threshold = mx.take_along_axis(sorted_logprobs, dropped, axis=-1)
     return mx.where(logprobs < threshold, -float("inf"), logprobs)
 

@@ -30,7 +30,7 @@ class Chunk:
 @dataclass
 class KeptCache:
     """One row's backbone cache and the prompt rows it holds: a later prompt that starts with the
-    same rows (the next turn of a conversation, a request with the same voice) prefills only the rest."""
+    same rows (the next turn of a conversation, the next chunk of a text) prefills only the rest."""
 
     layers: List[KVCache]
     rows: Rows
