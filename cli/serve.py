@@ -116,7 +116,3 @@ def run(args) -> None:
         sock.close()
     if stopped:
         print("csm-mlx: stopped", file=sys.stderr, flush=True)
-        # A server's normal end: everything is closed and written. The interpreter's teardown
-        # still aborts in some runs ("terminate called without an active exception", exit 134;
-        # seen with the tiny model and no extension of ours loaded): skip it until its cause is found.
-        os._exit(0)

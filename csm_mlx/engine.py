@@ -17,6 +17,7 @@ call() runs other MLX work (a stream's watermark, a Mimi load) on the engine thr
 import concurrent.futures
 import itertools
 import logging
+import os
 import queue
 import threading
 import time
@@ -39,6 +40,17 @@ T = TypeVar("T")
 # Seconds an idle engine waits after a request arrives for others sent with it (a server's
 # concurrent clients arrive a few ms apart), so they are prefilled in one pass and join together.
 ADMIT_WAIT = 0.02
+
+
+def _wait_for_thread_exit(thread: threading.Thread, timeout: float = 2.0) -> None:
+    """Wait (on Linux; elsewhere return) until the joined thread's OS thread is gone. join()
+    returns before it runs its thread-local destructors, and MLX's (its compiled traces) take the
+    GIL: while the interpreter shuts down, a thread cannot, and the process aborts ("terminate
+    called without an active exception") if the main thread got there first."""
+    task = f"/proc/self/task/{thread.native_id}"
+    deadline = time.monotonic() + timeout
+    while os.path.exists(task) and time.monotonic() < deadline:
+        time.sleep(0.001)
 
 
 class EngineError(RuntimeError):
@@ -220,6 +232,7 @@ class Engine:
             self._closed = True
         self._wake.set()
         self._thread.join()
+        _wait_for_thread_exit(self._thread)
 
     def __enter__(self) -> "Engine":
         return self
