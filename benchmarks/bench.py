@@ -159,7 +159,8 @@ def clock_shares(model: Model, repeat: int = 5):
     row = model.embed_frames(mx.ones((1, 1, 32), mx.int32))
     h = mx.random.normal((1, model.args.backbone.hidden_size)).astype(row.dtype)
     greedy = [Sampling(temperature=0)]
-    decode = frame_step(model, Filters.of(greedy))
+    frame_step(model, Filters.of(greedy), 1)  # the first call of a batch size runs uncompiled
+    decode = frame_step(model, Filters.of(greedy), 1)
     params, keys = row_params(greedy), random_key(0)[None]
     mx.eval(row, h, decode(h, params, keys))
 

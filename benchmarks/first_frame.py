@@ -31,7 +31,7 @@ def child(size: str, compiled: bool) -> None:
     model = Model(SIZES[size]())
     mx.eval(model.parameters())
     if not compiled:
-        frame_batch.frame_step = lambda model, filters: partial(frame_batch._frame, model, filters)
+        frame_batch.frame_step = lambda model, filters, rows: partial(frame_batch._frame, model, filters)
     rows = greedy_rows(model, PROMPT_ROWS, 3)
     start = time.perf_counter()
     stamps = [time.perf_counter() - start for _, frame in rows.drain() if frame is not None]

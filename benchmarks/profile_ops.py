@@ -98,7 +98,8 @@ def tiny_profile(frames=300):
     print("  " + ", ".join(f"{k} {v}" for k, v in nodes.most_common()))
 
     greedy = [Sampling(temperature=0)]
-    step, params, keys = frame_step(model, Filters.of(greedy)), row_params(greedy), random_key(0)[None]
+    frame_step(model, Filters.of(greedy), 1)  # the first call of a batch size runs uncompiled
+    step, params, keys = frame_step(model, Filters.of(greedy), 1), row_params(greedy), random_key(0)[None]
     h = mx.random.normal((1, args.backbone.hidden_size))
     decode = lambda h: step(h, params, keys)[0]  # noqa: E731
     for _ in range(10):

@@ -76,14 +76,22 @@ def _frame(model: Model, filters: Filters, h: mx.array, params: Dict[str, mx.arr
     return decode_frame(model, h, sample), keys[0]
 
 
-def frame_step(model: Model, filters: Filters):
-    """(h, params, keys) -> (codes (B, 32), next keys): one frame, compiled. A frame's 31
+def frame_step(model: Model, filters: Filters, rows: int):
+    """(h, params, keys) -> (codes (B, 32), next keys): one frame of rows rows. A frame's 31
     depth-decoder steps always have the same shapes (the cache starts empty every frame), so
-    they trace into one graph, once per batch size; the model keeps one per filter variant."""
+    they trace into one compiled graph per batch size; the model keeps one per filter variant.
+
+    The first frame of a batch size runs uncompiled: tracing is host work (0.1 s on a tiny
+    model, ~0.5 s on csm-1b), so a process's first frame (the first audio of every CLI run)
+    does not wait for it; the next frame traces."""
     compiled = model.__dict__.setdefault("_compiled_frames", {})  # not a Module attribute: no parameters
     if filters not in compiled:
-        compiled[filters] = mx.compile(partial(_frame, model, filters))
-    return compiled[filters]
+        compiled[filters] = (mx.compile(partial(_frame, model, filters)), set())
+    step, traced = compiled[filters]
+    if rows in traced:
+        return step
+    traced.add(rows)
+    return partial(_frame, model, filters)
 
 
 class Row:
@@ -157,6 +165,8 @@ class FrameBatch:
         self._cache: Optional[List[BatchKVCache]] = None
         # (codes (B, 32), keys after them) of the generating rows' last frames, queued, not read yet
         self._queued: Optional[Tuple[mx.array, mx.array]] = None
+        self._unread = False  # whether _queued's codes are still to be delivered
+        self._sampling: Optional[Tuple[Filters, Dict[str, mx.array]]] = None  # of _rows, made when they change
         # context rows (tokens, mask bytes) -> their cache, least recently used first
         self._contexts: "OrderedDict[Tuple[bytes, bytes], List[KVCache]]" = OrderedDict()
 
@@ -183,8 +193,8 @@ class FrameBatch:
             return
         if row in self._joining:  # nothing of its chunk was spoken yet
             self._joining.remove(row)
-            prefilled = row._cache[0].keys is not None
-            kept = KeptCache([layer.extract(0) for layer in row._cache], row._held_rows()) if prefilled else None
+            keep = row.utterance.keep_cache and row._cache[0].keys is not None
+            kept = KeptCache([layer.extract(0) for layer in row._cache], row._held_rows()) if keep else None
             self._finish(row, kept, end_chunk=False)
             return
         index = self._rows.index(row)
@@ -201,25 +211,31 @@ class FrameBatch:
         # ones stepping while the rest are fed in chunks between their steps
         if not self._rows and (not joiners or len(joiners) < len(self._joining)):
             return events
-        reading, queued = self._rows, self._queued
-        frames = None
-        if queued is not None and not joiners and all(self._last_by_cap(row) for row in reading):
-            frames = np.array(queued[0])  # every row ends with this frame: nothing more to compute
-            self._queued = None
-        else:
-            self._queue(joiners)
-        if queued is not None:
-            if frames is None:
-                frames = np.array(queued[0])
-            keep = []
-            for i, row in enumerate(reading):
-                row.key = queued[1][i]
-                if self._advance(row, frames[i], events):
-                    keep.append(i)
-                elif not row.done:
-                    self._leave_for_next_chunk(row, i)
-            self._keep(keep + list(range(len(reading), len(self._rows))))
+        if self._unread and (any(not row._produced for row in self._rows)
+                             or not joiners and all(self._last_by_cap(row) for row in self._rows)):
+            # read before queueing more: a row's first frame goes out at once (not after the next
+            # frame's graph, or its trace, is built), or every row ends with this frame
+            self._read(self._rows, self._queued, events)
+            return events
+        reading, unread = self._rows, self._queued if self._unread else None
+        self._queue(joiners)
+        if unread is not None:
+            self._read(reading, unread, events)
         return events
+
+    def _read(self, reading: List[Row], queued: Tuple[mx.array, mx.array], events) -> None:
+        """Deliver the frames queued for the rows reading (the first rows of the batch)."""
+        frames = np.array(queued[0])
+        if queued is self._queued:
+            self._unread = False
+        keep = []
+        for i, row in enumerate(reading):
+            row.key = queued[1][i]
+            if self._advance(row, frames[i], events):
+                keep.append(i)
+            elif not row.done:
+                self._leave_for_next_chunk(row, i)
+        self._keep(keep + list(range(len(reading), len(self._rows))))
 
     def drain(self) -> Iterator[Tuple[Row, Optional[np.ndarray]]]:
         """Step until every row is done."""
@@ -285,8 +301,7 @@ class FrameBatch:
     def _finish(self, row: Row, kept: Optional[KeptCache], end_chunk: bool) -> None:
         if end_chunk:
             self._end_chunk(row)
-        if row.utterance.keep_cache:
-            row.kept = kept
+        row.kept = kept
         row.done = True
 
     def _extract(self, index: int) -> KeptCache:
@@ -366,7 +381,6 @@ class FrameBatch:
                 row._pending = (row._pending[0][n:], row._pending[1][n:])
             else:
                 row._h, row._pending = h[i : i + 1, n - 1], None
-        # not waited for: the frame that follows is traced while this runs
         mx.async_eval([row._h for row in group if row._h is not None], [c.state for row in group for c in row._cache])
 
     # frames
@@ -385,22 +399,26 @@ class FrameBatch:
         self._joining = [row for row in self._joining if row._h is None]
         for row in joiners:
             row._cache, row._h = None, None
-        self._rows = self._rows + joiners
-        samplings = [row.utterance.sampling for row in self._rows]
+        if joiners:
+            self._rows, self._sampling = self._rows + joiners, None
+        if self._sampling is None:
+            samplings = [row.utterance.sampling for row in self._rows]
+            self._sampling = Filters.of(samplings), row_params(samplings)
+        filters, params = self._sampling
         h = mx.concatenate(states) if len(states) > 1 else states[0]
         keys = mx.concatenate(keys) if len(keys) > 1 else keys[0]
-        codes, keys = frame_step(self.model, Filters.of(samplings))(h, row_params(samplings), keys)
+        codes, keys = frame_step(self.model, filters, len(self._rows))(h, params, keys)
         mx.async_eval(codes, keys)
-        self._queued = (codes, keys)
+        self._queued, self._unread = (codes, keys), True
         self.steps += 1
 
     def _keep(self, keep: List[int]) -> None:
         """Keep only these generating rows (indices into the batch, in order)."""
         if len(keep) == len(self._rows):
             return
-        self._rows = [self._rows[i] for i in keep]
+        self._rows, self._sampling = [self._rows[i] for i in keep], None
         if not keep:
-            self._cache, self._queued = None, None
+            self._cache, self._queued, self._unread = None, None, False
             return
         index = mx.array(keep)
         for layer in self._cache:

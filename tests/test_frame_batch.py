@@ -1,5 +1,7 @@
 """The frame core: prompt rows, the per-row sampler, the stopping rules, rows that join and leave."""
 
+from functools import partial
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -132,7 +134,11 @@ def test_compiled_frame_gives_the_plain_frame(model):
     samplings = [Sampling(0.9, 50), Sampling(0)]
     args = (h, row_params(samplings), mx.stack([random_key(3), random_key(4)]))
     plain = _frame(model, Filters.of(samplings), *args)
-    compiled = frame_step(model, Filters.of(samplings))(*args)
+    filters = Filters.of(samplings)
+    first, then = frame_step(model, filters, 2), frame_step(model, filters, 2)
+    assert type(first) is partial and frame_step(model, filters, 2) is then  # a new batch size: plain, then compiled
+    np.testing.assert_array_equal(np.array(first(*args)[0]), np.array(plain[0]))
+    compiled = then(*args)
     np.testing.assert_array_equal(np.array(plain[0]), np.array(compiled[0]))
     np.testing.assert_array_equal(np.array(plain[1]), np.array(compiled[1]))
 
