@@ -173,8 +173,9 @@ class CSM:
         A text longer than chunk_chars (0: never) is split into sentence chunks that are
         generated side by side, each after the context alone (not after the chunks before it,
         as generate does), and decoded as one stream: throughput for a shared voice prompt,
-        at the cost of the cross-chunk continuity that generate keeps. Bad input fails here,
-        not at the first line."""
+        at the cost of the cross-chunk continuity that generate keeps. Options as for
+        generate_batch; a seed starts every chunk's sampling. Bad input fails here, not at the
+        first line."""
         texts = check_texts(texts)
         sizes = check_options(batch_size=batch_size, chunk_chars=chunk_chars)
         batch_size, chunk_chars = sizes["batch_size"], sizes["chunk_chars"]
