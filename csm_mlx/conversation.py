@@ -60,7 +60,7 @@ class Conversation:
         said = len(self.history)
 
         def speak():
-            utterance.kept = self._kept if self.reuse_cache else None
+            utterance.kept = self._kept  # None without reuse_cache: no cache is kept then
             batch = FrameBatch(self.model)
             row = batch.insert(utterance)
             try:

@@ -12,12 +12,12 @@ from typing import List, Optional, Sequence, Union
 import mlx.core as mx
 from mlx_lm.models.cache import KVCache
 
+from .audio import check_context_audio
 from .context import fit_context
 from .options import check_options, check_text
 from .prompt import Rows, TokenizedSegment, prompt_rows
 from .sampling import Sampling
 from .segment import Segment, check_speaker
-from .audio import check_context_audio
 from .text import chunk_text, frame_cap
 
 

@@ -450,7 +450,7 @@ def test_serve_command(hub_cache, tmp_path, capsys, monkeypatch):
         code = process.wait(timeout=30)
     stderr = process.stderr.read()
     assert code == 0, stderr  # Ctrl-C is how a server stops
-    assert "Traceback" not in stderr and stderr.strip().endswith("csm-mlx: stopped")
+    assert "Traceback" not in stderr and stderr.strip().endswith("csm-mlx: stopped"), stderr
 
 
 def test_the_mimi_pool_reuses_instances_and_loads_through_run(csm):
