@@ -44,6 +44,8 @@ def read_audio(path: os.PathLike, max_seconds: Optional[float] = MAX_CONTEXT_SEC
 
 def decode_audio(data: bytes, name: str = "audio", max_seconds: Optional[float] = MAX_CONTEXT_SECONDS) -> np.ndarray:
     """Audio file bytes (an upload, say) as 24 kHz mono float32, checked as read_audio checks a file."""
+    if not data:
+        raise AudioError(f"{name} is empty: send the bytes of a WAV, FLAC, OGG or MP3 file")
     return _decode(io.BytesIO(data), name, max_seconds, SAMPLE_RATE)
 
 
@@ -59,7 +61,9 @@ def _decode(source, name: str, max_seconds: Optional[float], sample_rate: int) -
             source.seek(0)
         audio, rate = sf.read(source, dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, TypeError) as e:
-        raise AudioError(f"cannot read {name} ({e}): use WAV, FLAC, OGG or MP3") from None
+        # libsndfile's message names its source, which for bytes is an object's repr
+        reason = e.error_string if isinstance(e, sf.LibsndfileError) else str(e)
+        raise AudioError(f"cannot read {name} ({reason}): use WAV, FLAC, OGG or MP3") from None
     if audio.shape[0] == 0:
         raise AudioError(f"{name} holds no samples")
     if not np.isfinite(audio).all():
