@@ -37,6 +37,11 @@ class CliError(Exception):
 
 def user_error_message(e: Exception) -> Optional[str]:
     """The one-line message for an error the user can fix, in the CLI's terms; None for a bug."""
+    message = _user_error_message(e)
+    return None if message is None else " ".join(message.split())  # a library's message may span lines
+
+
+def _user_error_message(e: Exception) -> Optional[str]:
     if isinstance(e, OptionError):
         if e.param not in RULES:  # not a flag: the text, say
             return str(e)

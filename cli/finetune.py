@@ -1,23 +1,30 @@
 """`csm-mlx finetune`: LoRA or full fine-tuning on a directory of clips, with mlx_lm.lora's flags and files."""
 
 import argparse
+import inspect
+import re
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import List, Optional
 
 import mlx.core as mx
 import mlx.optimizers as optim
+import yaml
 from mlx.utils import tree_flatten
 from mlx_lm.tuner.trainer import TrainingArgs
 from mlx_lm.tuner.utils import build_schedule
 
 from csm_mlx import hub
 from csm_mlx.api import CSM
-from csm_mlx.finetune.adapters import (ADAPTER_FILE, FINE_TUNE_TYPES, LORA_PARAMETERS, adapter_config, load_weights,
-                                       prepare_model, save_config)
+from csm_mlx.checkpoint import DTYPES
+from csm_mlx.finetune.adapters import (ADAPTER_FILE, CONFIG_FILE, FINE_TUNE_TYPES, LORA_FIELDS, LORA_PARAMETERS,
+                                       NUM_LAYERS, adapter_config, load_weights, prepare_model, save_config)
 from csm_mlx.finetune.batches import DEPTH_DECODER_RATIO
 from csm_mlx.finetune.data import MAX_CLIP_SECONDS, DataError, prepare, read_lines
 from csm_mlx.finetune.trainer import Report, train
+from csm_mlx.options import RULES as OPTION_RULES
+from csm_mlx.options import OptionError, Rule, check_mapping, syntax_error
 
 from .args import CliError, Parser, add_model_arguments
 
@@ -56,6 +63,37 @@ DEFAULTS = {
     "max_clip_seconds": MAX_CLIP_SECONDS,
     "lora_parameters": LORA_PARAMETERS,
     "lr_schedule": None,
+}
+STEPS = Rule(int, 1, 10**9)
+# mlx-lm's lr_schedule: {name, arguments, warmup, warmup_init}, for mlx.optimizers' schedules
+SCHEDULE_FIELDS = {
+    "name": Rule(str, choices=("cosine_decay", "exponential_decay", "linear_schedule", "step_decay"), required=True),
+    "arguments": Rule(list, items=Rule(float), required=True),
+    "warmup": Rule(int, 0, 10**9),
+    "warmup_init": Rule(float, 0.0),
+}
+# One rule per option, for a flag and for a key of the config file alike.
+RULES = {
+    **{name: Rule(str) for name in ("model", "tokenizer", "mimi", "data", "adapter_path", "resume_adapter_file")},
+    "dtype": Rule(str, choices=("auto", *DTYPES)),
+    "fine_tune_type": Rule(str, choices=FINE_TUNE_TYPES),
+    "num_layers": NUM_LAYERS,
+    "iters": STEPS,
+    "batch_size": Rule(int, 1, 4096),
+    "learning_rate": Rule(float, 0.0, 1.0, positive=True),
+    "depth_decoder_ratio": Rule(float, 0.0, 1.0, positive=True),
+    "grad_checkpoint": Rule(bool),
+    "grad_accumulation_steps": STEPS,
+    "steps_per_report": STEPS,
+    "steps_per_eval": STEPS,
+    "val_batches": Rule(int, -1, 10**9),
+    "save_every": STEPS,
+    "seed": replace(OPTION_RULES["seed"], optional=False),
+    "max_clip_seconds": Rule(float, 0.0, 3600.0, positive=True),
+    "lora_parameters": Rule(dict, fields=LORA_FIELDS),
+    "lora_rank": LORA_FIELDS["rank"],
+    "lora_scale": LORA_FIELDS["scale"],
+    "lr_schedule": Rule(dict, optional=True, fields=SCHEDULE_FIELDS),
 }
 # The recipes that worked for CSM: LoRA at 2e-4 (Unsloth), full fine-tuning at 3e-5 (sesame-finetune).
 LEARNING_RATES = {"lora": 2e-4, "full": 3e-5}
@@ -98,27 +136,47 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def options(args) -> dict:
-    """Flags given, else the config file's values, else the defaults."""
-    config = {}
-    if args.config:
-        import yaml
+class _Loader(yaml.SafeLoader):
+    """yaml.safe_load's loader, reading 1e-4 as a number as YAML 1.2 does (1.1 wants 1.0e-4)."""
 
-        try:
-            config = yaml.safe_load(Path(args.config).read_text()) or {}
-        except FileNotFoundError:
-            raise CliError(f"config file {args.config} does not exist") from None
-        except (yaml.YAMLError, UnicodeDecodeError) as e:
-            raise CliError(f"config file {args.config} is not valid YAML ({e})") from None
-        if not isinstance(config, dict):
-            raise CliError(f"config file {args.config} must map option names to values")
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*|\.[0-9_]+|[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)?$|^[-+]?\.(?:inf|Inf|INF)$"
+               r"|^\.(?:nan|NaN|NAN)$"),
+    list("-+0123456789."),
+)
+
+
+def read_config(path: str) -> dict:
+    """The YAML config file's options, each checked by its rule."""
+    where = f"config file {path}"
+    if not Path(path).is_file():
+        raise CliError(f"{where} {'is not a regular file' if Path(path).exists() else 'does not exist'}: "
+                       "give a YAML file of options")
+    try:
+        config = yaml.load(Path(path).read_text(), Loader=_Loader)
+    except UnicodeDecodeError:
+        raise CliError(f"{where} is not UTF-8 text: convert it, e.g. with iconv -t UTF-8") from None
+    except yaml.YAMLError as e:
+        raise CliError(f"{where} is not valid YAML ({syntax_error(e)})") from None
+    try:
+        return check_mapping({} if config is None else config, RULES, where)
+    except OptionError as e:
+        raise CliError(str(e)) from None
+
+
+def options(args) -> dict:
+    """Flags given, else the config file's values, else the defaults; every value checked."""
+    config = read_config(args.config) if args.config else {}
     given = {k: v for k, v in vars(args).items() if v is not None and k != "config"}
-    known = set(DEFAULTS) | {"data", "resume_adapter_file", "tokenizer", "mimi", "lora_rank", "lora_scale"}
-    unknown = sorted(set(config) - known)
-    if unknown:
-        raise CliError(f"config file {args.config}: unknown option {unknown[0]!r}")
+    for name, value in given.items():
+        try:
+            RULES[name].check(name, value)
+        except OptionError as e:
+            raise CliError(f"--{name.replace('_', '-')} {e.problem}") from None
     opts = {**DEFAULTS, **config, **given}
-    lora = {**LORA_PARAMETERS, **(opts["lora_parameters"] or {})}
+    lora = {**LORA_PARAMETERS, **opts["lora_parameters"]}
     for key in ("rank", "scale"):
         if opts.get(f"lora_{key}") is not None:
             lora[key] = opts.pop(f"lora_{key}")
@@ -130,19 +188,18 @@ def options(args) -> dict:
 
 
 def check(o: dict) -> None:
+    """What no single value's rule can say."""
     if not o.get("data"):
         raise CliError("no training data: give --data DIR (a directory with train.jsonl)")
-    if o["fine_tune_type"] not in FINE_TUNE_TYPES:
-        raise CliError(f"fine_tune_type must be {' or '.join(FINE_TUNE_TYPES)}, got {o['fine_tune_type']!r}")
-    for key in ("iters", "batch_size", "grad_accumulation_steps", "steps_per_report", "steps_per_eval", "save_every"):
-        if not isinstance(o[key], int) or o[key] < 1:
-            raise CliError(f"--{key.replace('_', '-')} must be a positive integer, got {o[key]!r}")
-    if not isinstance(o["lora_parameters"]["rank"], int) or o["lora_parameters"]["rank"] < 1:
-        raise CliError(f"the LoRA rank must be a positive integer, got {o['lora_parameters']['rank']!r}")
-    if not 0 < o["depth_decoder_ratio"] <= 1:
-        raise CliError(f"--depth-decoder-ratio must be in (0, 1], got {o['depth_decoder_ratio']}")
-    if not o["learning_rate"] > 0 or not o["max_clip_seconds"] > 0:
-        raise CliError("--learning-rate and --max-clip-seconds must be positive")
+    if o["val_batches"] == 0:
+        raise CliError("--val-batches must be -1 (all) or at least 1, got 0")
+    if o["lr_schedule"]:
+        try:
+            schedule = getattr(optim.schedulers, o["lr_schedule"]["name"])
+            inspect.signature(schedule).bind(*o["lr_schedule"]["arguments"])
+        except TypeError as e:
+            raise CliError(f"lr_schedule: the arguments {o['lr_schedule']['arguments']} do not fit "
+                           f"{o['lr_schedule']['name']} ({e}): give them in the order mlx.optimizers takes them") from None
 
 
 def use_bfloat16_on_gpu(model, dtype: str) -> None:
@@ -193,11 +250,14 @@ def print_report(r: Report) -> None:
 def run(args) -> None:
     o = options(args)
     adapter_dir = Path(o["adapter_path"])
+    if adapter_dir.exists() and not adapter_dir.is_dir():
+        raise CliError(f"--adapter-path {adapter_dir} is a file: give a directory for the adapters")
     if (adapter_dir / ADAPTER_FILE).exists() and not o.get("resume_adapter_file"):
         raise CliError(f"{adapter_dir} already holds {ADAPTER_FILE}: choose another --adapter-path, or continue "
                        f"training it with --resume-adapter-file {adapter_dir / ADAPTER_FILE}")
     files = data_files(Path(o["data"]))
-    csm = CSM.load(o["model"], tokenizer=o.get("tokenizer"), mimi=o.get("mimi"), dtype=o["dtype"])
+    # training makes no audio: the watermark's weights are not needed (nor downloaded)
+    csm = CSM.load(o["model"], tokenizer=o.get("tokenizer"), mimi=o.get("mimi"), dtype=o["dtype"], watermark=False)
     use_bfloat16_on_gpu(csm.model, o["dtype"])
     model = csm.model
     window = model.args.backbone.max_seq_len
@@ -217,6 +277,7 @@ def run(args) -> None:
           f"{len(train_set)} sequences", file=sys.stderr)
 
     record = {k: o[k] for k in ("data", "iters", "batch_size", "learning_rate", "depth_decoder_ratio", "seed")}
+    made = [p for p in (adapter_dir / CONFIG_FILE, adapter_dir) if not p.exists()]
     save_config(adapter_dir, adapter_config(model, o["fine_tune_type"], o["num_layers"], o["lora_parameters"],
                                             base_model=o["model"], **record))
     lr = build_schedule(o["lr_schedule"]) if o["lr_schedule"] else o["learning_rate"]
@@ -233,5 +294,13 @@ def run(args) -> None:
         if saved:
             print(f"csm-mlx: interrupted after step {saved['it']}: saved the adapters so far to {saved['path']}",
                   file=sys.stderr)
+        raise
+    except Exception:
+        if not saved:  # a run that saved nothing leaves nothing behind: not even the config it made
+            for path in made:
+                if path.is_dir():
+                    path.rmdir()
+                else:
+                    path.unlink(missing_ok=True)
         raise
     print(f"wrote {adapter_dir / ADAPTER_FILE} after {steps} steps", file=sys.stderr)

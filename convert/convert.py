@@ -6,10 +6,11 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from csm_mlx.checkpoint import DTYPES, CheckpointError, check_quantization, load_model, quantize, save_model
+from csm_mlx.checkpoint import (DTYPES, CheckpointError, check_finite, check_quantization, load_model, quantize,
+                                save_model)
 from csm_mlx.hub import MIMI_FILE, TOKENIZER_FILE, WATERMARK_DIR, find_mimi, find_tokenizer, find_watermark
 from csm_mlx.cli.main import guarded
-from csm_mlx.finetune.adapters import AdapterError, fuse, load_adapters
+from csm_mlx.finetune.adapters import AdapterError, fuse, load_adapters, read_config
 from csm_mlx.hub import HubError, resolve_model
 from csm_mlx.watermark import CHECKPOINTS, WatermarkError, weights_dir
 
@@ -39,6 +40,8 @@ def convert(
         parent = parent.parent
     if not os.access(parent, os.W_OK):
         raise CheckpointError(f"cannot create {mlx_path}: {parent} is not writable")
+    if adapter_path is not None:
+        read_config(adapter_path)
     source = resolve_model(hf_path)
     extra_files = {}
     if bundle:
@@ -55,6 +58,7 @@ def convert(
         model, _ = load_model(source, dtype="float32")
         fuse(load_adapters(model, adapter_path))
         model.set_dtype(DTYPES[dtype])
+        check_finite(model, f"{source} fused with {adapter_path}")
     quantization = None
     if quantize_weights:
         quantize(model, q_bits, q_group_size)

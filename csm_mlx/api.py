@@ -9,7 +9,7 @@
 import os
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Iterator, List, Optional, Sequence
+from typing import Callable, Iterator, List, Optional, Sequence, Union
 
 import mlx.core as mx
 import numpy as np
@@ -21,9 +21,9 @@ from .codec import FRAME_SAMPLES, SAMPLE_RATE, Mimi
 from .conversation import Conversation
 from .engine import Engine
 from .finetune import adapters
-from .options import check_options, check_texts
+from .options import OptionError, check_options, check_texts
 from .prompt import TokenizedSegment, stack_frames
-from .segment import Segment, Speech
+from .segment import Segment, Speech, check_segments
 from .models import Model
 from .static_batch import speak_all
 from .text import chunk_text
@@ -48,7 +48,7 @@ class CSM:
     @classmethod
     def load(
         cls,
-        model: str = hub.DEFAULT_MODEL,
+        model: Union[str, os.PathLike] = hub.DEFAULT_MODEL,
         *,
         tokenizer: Optional[os.PathLike] = None,
         mimi: Optional[os.PathLike] = None,
@@ -69,6 +69,9 @@ class CSM:
         AI-generated; its weights come from beside the model, else from the hub. watermark=False
         turns it off. adapter_path: a directory `csm-mlx finetune` wrote, applied to the model."""
         key = check_key(PUBLIC_KEY if watermark_key is None else watermark_key)
+        if not isinstance(model, (str, os.PathLike)):
+            raise OptionError("model", f"must be a hub id or a directory, got {type(model).__name__}")
+        model = os.fspath(model)
         # the cheap checks first: given paths, then the config, before any download or allocation
         for explicit in (tokenizer, mimi):
             if explicit is not None:
@@ -114,7 +117,7 @@ class CSM:
 
     def conversation(self, context: Sequence[Segment] = ()) -> Conversation:
         """A conversation to speak turn after turn, each generated turn becoming context."""
-        return Conversation(self.model, self.tokenizer, self.mimi, context, speech=self.speech)
+        return Conversation(self.model, self.tokenizer, self.mimi, check_segments(context), speech=self.speech)
 
     def frames(self, text: str, speaker: int = 0, context: Sequence[Segment] = (), **kwargs) -> Iterator[np.ndarray]:
         """Mimi frames (32,) of text spoken by speaker after the context, as they are generated;
@@ -198,7 +201,7 @@ class CSM:
 
     def _utterances(self, texts: Sequence[str], speaker: int, context: Sequence[Segment], options: dict):
         """One utterance per text after the same context (tokenized once); all checked first."""
-        history = [self.tokenize(s) for s in context]
+        history = [self.tokenize(s) for s in check_segments(context)]
         window = self.model.args.backbone.max_seq_len
         return [make_utterance(self.tokenizer, self.mimi, t, speaker, history, window=window, **options) for t in texts]
 
@@ -208,15 +211,23 @@ class CSM:
 
         Turns with audio are taken as spoken (they become context and come back as they
         are); the others are generated. voices are pinned prompts, e.g. one per speaker.
-        Yields each turn's Speech as soon as it is done; arguments as for Conversation.frames."""
-        conversation = self.conversation([replace(v, pinned=True) for v in voices])
-        for turn in turns:
-            if turn.audio is not None:
-                conversation.add(turn)
-                yield Speech(np.asarray(turn.audio, np.float32), self.sample_rate, conversation.history[-1].audio_codes)
-            else:  # the first generated turn takes the seed; the others go on from its key
-                yield conversation.say(turn.text, turn.speaker, seed=seed, **kwargs)
-                seed = None
+        Yields each turn's Speech as soon as it is done; arguments as for Conversation.frames.
+        Turns and voices of the wrong type fail here, not at the first turn."""
+        turns = check_segments(turns, "turns")
+        conversation = self.conversation([replace(v, pinned=True) for v in check_segments(voices, "voices")])
+
+        def speak():
+            nonlocal seed
+            for turn in turns:
+                if turn.audio is not None:
+                    conversation.add(turn)
+                    yield Speech(np.asarray(turn.audio, np.float32), self.sample_rate,
+                                 conversation.history[-1].audio_codes)
+                else:  # the first generated turn takes the seed; the others go on from its key
+                    yield conversation.say(turn.text, turn.speaker, seed=seed, **kwargs)
+                    seed = None
+
+        return speak()
 
     def stream(
         self,

@@ -4,7 +4,7 @@ import io
 import os
 import secrets
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 import soundfile as sf
@@ -28,6 +28,8 @@ def _check_readable(path: Path, what: str) -> None:
         raise AudioError(f"{what} {path} is a directory: give an audio file")
     if not path.exists():
         raise AudioError(f"{what} {path} does not exist")
+    if not path.is_file():  # a FIFO would block the read until a writer comes, a device never ends
+        raise AudioError(f"{what} {path} is not a regular file (a pipe or a device): give an audio file")
     if not os.access(path, os.R_OK):
         raise AudioError(f"cannot read {what} {path}: permission denied")
 
@@ -72,6 +74,51 @@ def _decode(source, name: str, max_seconds: Optional[float], sample_rate: int) -
     if rate != sample_rate:
         mono = soxr.resample(mono, rate, sample_rate, quality="HQ")
     return np.ascontiguousarray(mono, dtype=np.float32)
+
+
+def audio_info(path: os.PathLike, what: str = "audio file"):
+    """The file's soundfile header (frames, samplerate, channels), its errors as one-line AudioErrors."""
+    path = Path(path)
+    _check_readable(path, what)
+    try:
+        return sf.info(str(path))
+    except (sf.LibsndfileError, RuntimeError) as e:
+        reason = e.error_string if isinstance(e, sf.LibsndfileError) else str(e)
+        raise AudioError(f"cannot read {what} {path} ({reason}): use WAV, FLAC, OGG or MP3") from None
+
+
+def read_audio_blocks(path: os.PathLike, sample_rate: int, block_seconds: float = 10.0) -> Iterator[np.ndarray]:
+    """The file's audio as read_audio gives it (mono float32 at sample_rate, soxr's stream giving
+    the samples of its one-shot resampling), in blocks of about block_seconds: memory stays flat
+    with the file's length."""
+    path = Path(path)
+    info = audio_info(path)
+    resampler = soxr.ResampleStream(info.samplerate, sample_rate, 1, dtype="float32", quality="HQ")
+    try:
+        with sf.SoundFile(str(path)) as f:
+            for block in f.blocks(blocksize=max(1, int(block_seconds * info.samplerate)), dtype="float32",
+                                  always_2d=True):
+                if not np.isfinite(block).all():
+                    raise AudioError(f"audio file {path} holds NaN or infinite samples: it is corrupt")
+                yield resampler.resample_chunk(block.mean(axis=1))
+    except (sf.LibsndfileError, RuntimeError) as e:
+        reason = e.error_string if isinstance(e, sf.LibsndfileError) else str(e)
+        raise AudioError(f"cannot read audio file {path} ({reason}): use WAV, FLAC, OGG or MP3") from None
+    yield resampler.resample_chunk(np.zeros(0, np.float32), last=True)
+
+
+def write_error(path: os.PathLike) -> str:
+    """Why writing to path failed, for writers that do not say: libsndfile reports "System error"
+    and MLX "[write] Unable to write". More bytes written directly onto the same file tell the
+    reason (no space left on device, file too large...)."""
+    try:
+        with open(path, "ab") as f:
+            f.write(bytes(65536))
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as probe:
+        return (probe.strerror or "the write failed").lower()
+    return "the write failed"
 
 
 def check_context_audio(audio, what: str = "context audio") -> np.ndarray:
@@ -168,17 +215,7 @@ class AudioWriter:
     def _reason(self, e: BaseException) -> str:
         if isinstance(e, OSError) and e.strerror:
             return e.strerror.lower()
-        # libsndfile reports a failed write as "System error" alone; more bytes written
-        # directly onto the same file tell the reason (disk full, file too large...).
-        try:
-            with open(self._tmp, "r+b") as f:
-                f.seek(0, os.SEEK_END)
-                f.write(bytes(65536))
-                f.flush()
-                os.fsync(f.fileno())
-        except OSError as probe:
-            return (probe.strerror or "the write failed").lower()
-        return "the write failed"
+        return write_error(self._tmp)
 
     def __enter__(self) -> "AudioWriter":
         return self

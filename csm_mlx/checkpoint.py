@@ -11,9 +11,10 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from .audio import write_error
 from .codec import NUM_CODEBOOKS
 from .models import FLAVORS, Model, ModelArgs, TransformerArgs
-from .options import AUDIO_CODES
+from .options import AUDIO_CODES, OptionError, Rule, check_mapping, syntax_error
 
 MLX_MODEL_TYPE = "csm_mlx"
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
@@ -31,17 +32,19 @@ def _read_json(path: Path) -> Dict[str, Any]:
             f"{path.parent} has no config.json: point to a csm-1b checkpoint directory "
             "(original, transformers or converted MLX)"
         ) from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e}): download it again") from None
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{path} is not UTF-8 JSON: download it again") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON ({syntax_error(e)}): download it again") from None
 
 
 def _transformer_args_from_hf(cfg: Dict[str, Any]) -> TransformerArgs:
     rope = cfg.get("rope_parameters") or cfg.get("rope_scaling")
-    theta = cfg.get("rope_theta") or (rope or {}).get("rope_theta", 500_000.0)
-    if rope is not None and (rope.get("rope_type") or rope.get("type")) in (None, "default"):
-        rope = None
-    if rope is not None:
+    theta = cfg.get("rope_theta") or (rope.get("rope_theta", 500_000.0) if isinstance(rope, dict) else 500_000.0)
+    if isinstance(rope, dict):  # anything else is left for _check_sizes to name
         rope = {k: v for k, v in rope.items() if k != "rope_theta"}
+        if (rope.get("rope_type") or rope.get("type")) in (None, "default"):
+            rope = None
     return TransformerArgs(
         num_layers=cfg["num_hidden_layers"],
         hidden_size=cfg["hidden_size"],
@@ -62,6 +65,13 @@ def _transformer_args_from_hf(cfg: Dict[str, Any]) -> TransformerArgs:
 STACK_LIMITS = {"num_layers": 256, "hidden_size": 32_768, "num_heads": 512, "num_kv_heads": 512,
                 "intermediate_size": 262_144, "head_dim": 1024, "max_seq_len": 1_048_576}
 MAX_PARAMETERS = 50e9
+# The RoPE settings a Llama config may hold (mlx-lm's initialize_rope reads them by type).
+_ROPE_TYPE = Rule(str, choices=("default", "linear", "dynamic", "llama3"))
+_FACTOR = Rule(float, 0.0, 1e6, positive=True)
+ROPE_FIELDS = {"rope_type": _ROPE_TYPE, "type": _ROPE_TYPE, "factor": _FACTOR, "low_freq_factor": _FACTOR,
+               "high_freq_factor": _FACTOR, "original_max_position_embeddings": Rule(int, 1, 1 << 20)}
+NORM_EPS = Rule(float, 0.0, 1.0, positive=True)
+ROPE_THETA = Rule(float, 0.0, 1e12, positive=True)
 
 
 def _check_sizes(args: ModelArgs, path: Path) -> None:
@@ -79,8 +89,16 @@ def _check_sizes(args: ModelArgs, path: Path) -> None:
             raise CheckpointError(f"{where}: the {stack}'s {t.num_heads} heads, {t.num_kv_heads} key/value heads and "
                                   f"head size {t.head_dim} do not fit together (heads must be a multiple of key/value "
                                   "heads, the head size even)")
-        if not (isinstance(t.norm_eps, (int, float)) and 0 < t.norm_eps < 1 and t.rope_theta > 0):
-            raise CheckpointError(f"{where}: the {stack}'s norm epsilon or RoPE base is out of range")
+        try:
+            NORM_EPS.check(f"the {stack}'s norm epsilon", t.norm_eps)
+            ROPE_THETA.check(f"the {stack}'s rope_theta", t.rope_theta)
+            if t.rope_scaling is not None:
+                check_mapping(t.rope_scaling, ROPE_FIELDS, f"the {stack}'s RoPE scaling")
+                if (t.rope_scaling.get("rope_type") or t.rope_scaling.get("type")) in ("linear", "dynamic", "llama3") \
+                        and "factor" not in t.rope_scaling:
+                    raise OptionError(f"the {stack}'s RoPE scaling", "lacks the key 'factor'")
+        except OptionError as e:
+            raise CheckpointError(f"{where}: {e}: the file is corrupt or not a CSM config") from None
     positive_int("text_vocab_size", args.text_vocab_size, 1_048_576)
     positive_int("audio_vocab_size", args.audio_vocab_size, 65_536)
     if args.audio_num_codebooks != NUM_CODEBOOKS or args.audio_vocab_size < AUDIO_CODES:
@@ -251,6 +269,13 @@ def load_model(
     return model, info
 
 
+def check_finite(model: Model, what: str) -> None:
+    """Refuse a model whose weights hold NaN or infinity (a diverged fine-tune, a corrupt file)."""
+    for name, w in tree_flatten(model.parameters()):
+        if mx.issubdtype(w.dtype, mx.floating) and not mx.all(mx.isfinite(w)).item():
+            raise CheckpointError(f"{what} holds NaN or infinite weights ({name}): it cannot be used")
+
+
 def check_quantization(bits: int, group_size: int) -> None:
     if bits not in (4, 8):
         raise CheckpointError(f"--q-bits {bits} is not supported: use 4 or 8")
@@ -282,6 +307,7 @@ def save_model(
     # not tempfile.mkdtemp: its 0700 would stay on the model directory; mkdir applies the umask
     tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.part"
     tmp.mkdir()
+    weights = tmp / "model.safetensors"
     try:
         config = {
             "model_type": MLX_MODEL_TYPE,
@@ -290,17 +316,19 @@ def save_model(
             "quantization": quantization,
         }
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        mx.save_safetensors(
-            str(tmp / "model.safetensors"),
-            dict(tree_flatten(model.parameters())),
-            metadata={"format": "mlx"},
-        )
+        try:
+            mx.save_safetensors(str(weights), dict(tree_flatten(model.parameters())), metadata={"format": "mlx"})
+        except RuntimeError:  # MLX's "[write] Unable to write N bytes" does not say why
+            raise CheckpointError(f"cannot write {path}: {write_error(weights)}") from None
         for name, source in (extra_files or {}).items():
             (tmp / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(source, tmp / name)
         if path.exists():
             path.rmdir()
         tmp.rename(path)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"cannot write {path}: {(e.strerror or str(e)).lower()}") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -4,12 +4,15 @@ Each option has one rule: its type, its range and whether it may be left unset. 
 breaks it raises OptionError naming the option as the API does (top_k); the CLI shows it as
 its flag (--top-k) and the server as the field. Checking happens before a model is loaded,
 a directory is created or MLX is touched, so a rejected call leaves nothing changed.
+
+The files a user hands over (a fine-tuning config, an adapter's config, a model's config)
+are mappings checked by the same rules (check_mapping), their errors naming the file and the key.
 """
 
 import math
 import numbers
-from dataclasses import dataclass
-from typing import Any, Dict, Optional
+from dataclasses import dataclass, field
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 # A Mimi codebook has 2048 entries: the audio ids that are ever sampled.
 AUDIO_CODES = 2048
@@ -29,17 +32,41 @@ class OptionError(ValueError):
 
 @dataclass(frozen=True)
 class Rule:
-    kind: type  # int or float
+    kind: type  # int, float, bool, str, list or dict
     low: Optional[float] = None
     high: Optional[float] = None
     optional: bool = False  # None allowed (means "off" or "from the text")
     unit: str = ""
+    positive: bool = False  # more than 0 (a learning rate: 0 would train nothing)
+    choices: Tuple[str, ...] = ()  # a str's known values
+    items: Optional["Rule"] = None  # a list's items
+    length: Optional[int] = None  # a list's length
+    fields: Optional[Mapping[str, "Rule"]] = field(default=None, compare=False)  # a dict's keys
+    required: bool = False  # as one of a dict's fields: the key must be there
 
     def check(self, param: str, value: Any):
         if value is None:
             if self.optional:
                 return None
             raise OptionError(param, "must be given")
+        if self.kind is bool:
+            if not isinstance(value, bool):
+                raise OptionError(param, f"must be true or false, got {value!r}")
+            return value
+        if self.kind is str:
+            if not isinstance(value, str):
+                raise OptionError(param, f"must be a string, got {value!r}")
+            if self.choices and value not in self.choices:
+                raise OptionError(param, f"must be one of {', '.join(self.choices)}, got {value!r}")
+            return value
+        if self.kind is list:
+            if not isinstance(value, (list, tuple)):
+                raise OptionError(param, f"must be a list, got {value!r}")
+            if self.length is not None and len(value) != self.length:
+                raise OptionError(param, f"must hold {self.length} values, got {len(value)}")
+            return [self.items.check(f"{param}[{n}]", v) for n, v in enumerate(value)] if self.items else list(value)
+        if self.kind is dict:
+            return _check_fields(value, self.fields, param)
         integral = isinstance(value, numbers.Integral) and not isinstance(value, bool)
         real = integral or (isinstance(value, numbers.Real) and not isinstance(value, bool))
         if self.kind is int and not integral:
@@ -53,6 +80,8 @@ class Rule:
             if not math.isfinite(value):
                 raise OptionError(param, f"must be a finite number, got {value!r}")
         value = self.kind(value)
+        if self.positive and not value > 0:
+            raise OptionError(param, f"must be more than 0, got {_show(value)}")
         if self.low is not None and value < self.low:
             raise OptionError(param, f"must be at least {_show(self.low)}{self.unit}, got {_show(value)}")
         if self.high is not None and value > self.high:
@@ -88,6 +117,41 @@ def check_options(**options) -> Dict[str, Any]:
     if unknown:
         raise TypeError(f"unknown option {unknown[0]!r}: known options are {', '.join(RULES)}")
     return {name: RULES[name].check(name, value) for name, value in options.items()}
+
+
+def _check_fields(values: Any, fields: Mapping[str, Rule], param: str) -> Dict[str, Any]:
+    """A mapping whose keys are all known, the required ones there, each value checked by its rule;
+    an error's param is the key's path (lora_parameters.rank)."""
+    if not isinstance(values, dict):
+        raise OptionError(param, f"must map names to values, got {values!r}")
+    unknown = sorted(map(str, set(values) - set(fields)))
+    if unknown:
+        raise OptionError(param, f"has the unknown key {unknown[0]!r}: the known keys are {', '.join(fields)}")
+    missing = [name for name, rule in fields.items() if rule.required and name not in values]
+    if missing:
+        raise OptionError(param, f"lacks the key {missing[0]!r}")
+    return {name: fields[name].check(f"{param}.{name}" if param else name, value) for name, value in values.items()}
+
+
+def check_mapping(values: Any, fields: Mapping[str, Rule], where: str) -> Dict[str, Any]:
+    """values read from a file (YAML or JSON) checked against fields: unknown keys, missing
+    required ones, types and ranges. An error is an OptionError naming where (the file) and the
+    key: "config file f.yaml: lora_parameters.rank must be at least 1, got 0"."""
+    try:
+        return _check_fields(values, fields, "")
+    except OptionError as e:
+        raise OptionError(f"{where}: {e.param}" if e.param else where, e.problem) from None
+
+
+def syntax_error(e: Exception) -> str:
+    """A YAML or JSON syntax error in one line, with its line and column (PyYAML's own message
+    spans several lines)."""
+    mark = getattr(e, "problem_mark", None)
+    if mark is not None:
+        return f"line {mark.line + 1}, column {mark.column + 1}: {getattr(e, 'problem', None) or 'not valid YAML'}"
+    if hasattr(e, "lineno") and hasattr(e, "colno"):
+        return f"line {e.lineno}, column {e.colno}: {e.msg}"
+    return " ".join(str(e).split())
 
 
 def check_text(text: Any, param: str = "text") -> str:

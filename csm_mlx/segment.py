@@ -2,11 +2,11 @@
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, List, Optional
 
 import numpy as np
 
-from .options import RULES
+from .options import RULES, OptionError
 
 
 @dataclass
@@ -37,3 +37,13 @@ class Speech:
 
 def check_speaker(speaker) -> int:
     return RULES["speaker"].check("speaker", speaker)
+
+
+def check_segments(segments: Any, param: str = "context") -> List[Segment]:
+    """Turns given to the API: a list or tuple of Segments (a lone Segment or a string is refused)."""
+    if not isinstance(segments, (list, tuple)):
+        raise OptionError(param, f"must be a list of Segments, got {type(segments).__name__}")
+    for n, segment in enumerate(segments):
+        if not isinstance(segment, Segment):
+            raise OptionError(f"{param}[{n}]", f"must be a Segment, got {type(segment).__name__}")
+    return list(segments)

@@ -14,7 +14,7 @@ training mode, as the reference runs it: each clip is normalised with its own st
 import math
 import os
 from pathlib import Path
-from typing import Callable, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -37,6 +37,13 @@ BN_EPS = 1e-5
 PHASE_OFFSETS = range(0, HOP, 10)  # the reference's phase search: 205 sample offsets
 SEARCHES = ("fast", "exhaustive", "none")
 MIN_SAMPLES = (MESSAGE_LEN - 1) * HOP - N_FFT  # fewest 44.1 kHz samples whose STFT has 21 frames
+# verify reads longer audio in windows of 20 messages (19.5 s; a multiple of a message, so every
+# window's rows line up with the first's): a decoder pass holds ~22 MB per second it reads.
+WINDOW = 20 * MESSAGE_LEN * HOP
+LONG = WINDOW + PHASE_OFFSETS[-1]  # up to this many samples, audio is verified whole
+# Below this rate a file holds none of the 0-4 kHz where speech (and most of the mark) lives;
+# resampling a 1 Hz file to 44.1 kHz would take minutes for nothing.
+MIN_VERIFY_RATE = 8000
 PUBLIC_KEY = (212, 211, 146, 56, 201)  # the reference's key for the GitHub release of CSM-1b
 MESSAGE_SDR = 36.0  # dB, as the reference embeds it
 HUB_REPO = "Sony/SilentCipher"
@@ -437,6 +444,7 @@ class Watermarker:
         audio = np.asarray(audio, np.float32)
         if audio.ndim != 1:
             raise WatermarkError(f"verify takes mono audio (samples,), got shape {audio.shape}")
+        check_verify_rate(sample_rate)
         if sample_rate != SAMPLE_RATE and audio.size:
             audio = soxr.resample(audio, sample_rate, SAMPLE_RATE, quality="HQ")
         shortest = MIN_SAMPLES + (0 if search == "none" else PHASE_OFFSETS[-1])
@@ -446,6 +454,40 @@ class Watermarker:
         if not np.any(audio):
             return None, 0.0  # silence carries no mark (the reference fails on it)
         return decode_symbols(self.search_phase(audio, search=search, key=key)[1])
+
+    def verify_blocks(self, blocks: Iterable[np.ndarray], *, key: Optional[Sequence[int]] = None,
+                      search: str = "fast", progress: Optional[Callable[[int], None]] = None
+                      ) -> Tuple[Optional[Tuple[int, ...]], float]:
+        """verify for 44.1 kHz mono audio that arrives in blocks (a file read piece by piece), in
+        memory bounded by WINDOW whatever the length.
+
+        Audio of up to LONG samples (19.6 s) is verified whole, exactly as verify does. Longer
+        audio is read in windows of WINDOW samples, each normalised (power, BatchNorm) as a clip
+        of its own: the phase search runs on the first window, every window is then decoded at
+        the offset it chose, and the rows of all windows vote together on each symbol.
+        progress(samples) is called after each window."""
+        if key is not None:
+            key = check_key(key)
+        if search not in SEARCHES:
+            raise WatermarkError(f"search must be one of {', '.join(SEARCHES)}, got {search!r}")
+        blocks = iter(blocks)
+        head = _take(blocks, np.zeros(0, np.float32), LONG + 1)
+        if len(head) <= LONG:
+            return self.verify(head, SAMPLE_RATE, key=key, search=search)
+        offset = self.search_phase(head[:LONG], search=search, key=key)[0]
+        rest, symbols, done = head[offset:], [], offset
+        while True:
+            rest = _take(blocks, rest, WINDOW)
+            if not len(rest):
+                break
+            window, rest = rest[:WINDOW], rest[WINDOW:]
+            if len(window) >= MIN_SAMPLES and np.any(window):  # silence carries no mark
+                read = np.array(mx.argmax(self._logits(_normalize_power(window)[0]), axis=1))
+                symbols.append(read[: len(read) // MESSAGE_LEN * MESSAGE_LEN])
+            done += len(window)
+            if progress is not None:
+                progress(done)
+        return decode_symbols(np.concatenate(symbols)) if symbols else (None, 0.0)
 
     def search_phase(self, audio_44k: np.ndarray, *, search: str = "fast",
                      key: Optional[Sequence[int]] = None) -> Tuple[int, np.ndarray]:
@@ -471,6 +513,24 @@ class Watermarker:
             best = 0
         score(best)
         return best, scored[best][1]
+
+
+def check_verify_rate(sample_rate: int) -> None:
+    if sample_rate < MIN_VERIFY_RATE:
+        raise WatermarkError(f"a sample rate of {sample_rate} Hz holds no speech band (the mark lives in 0-11 kHz): "
+                             f"verify audio of at least {MIN_VERIFY_RATE} Hz")
+
+
+def _take(blocks: Iterator[np.ndarray], have: np.ndarray, count: int) -> np.ndarray:
+    """have, with blocks appended until it holds count samples or the blocks end."""
+    parts, size = [have], len(have)
+    while size < count:
+        block = next(blocks, None)
+        if block is None:
+            break
+        parts.append(block)
+        size += len(block)
+    return np.concatenate(parts) if len(parts) > 1 else have
 
 
 def search_offsets(score, offsets: Iterable[int], best: Optional[int] = None) -> int:

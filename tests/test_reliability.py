@@ -65,7 +65,72 @@ def ws(tmp_path, original_dir):
                   "decoder": {"num_layers": 4, "hidden_size": 1024, "num_heads": 8, "num_kv_heads": 2,
                               "intermediate_size": 8192},
                   "text_vocab_size": config["text_vocab_size"]}}))
+    write_user_files(tmp_path, config["text_vocab_size"])
     return tmp_path
+
+
+# Fine-tuning configs (YAML), each with one mistake a user makes.
+CONFIGS = {
+    "iters_bool": "iters: true\n",
+    "checkpoint_maybe": "grad_checkpoint: maybe\n",
+    "lr_string": 'learning_rate: "1e-4x"\n',
+    "lora_string": 'lora_parameters: "r8"\n',
+    "layers_all": "num_layers: all\n",
+    "seed_string": 'seed: "7"\n',
+    "schedule_name": "lr_schedule: {name: warm_restarts, arguments: [1.0e-4, 100]}\n",
+    "schedule_arity": "lr_schedule: {name: cosine_decay, arguments: [1.0e-4]}\n",
+    "schedule_argument": "lr_schedule: {name: cosine_decay, arguments: [fast, 100]}\n",
+    "qlora": "fine_tune_type: qlora\n",
+    "typo": "learning_rat: 1e-4\n",
+    "syntax": "iters: 10\n  batch_size: [\n",
+    "a_list": "- iters\n- 10\n",
+    "rank_0": "lora_parameters: {rank: 0}\n",
+    "lora_typo": "lora_parameters: {rnk: 8}\n",
+    "iters_0": "iters: 0\n",
+}
+
+
+def adapter_config_json(**change):
+    config = {"fine_tune_type": "lora", "num_layers": -1, "lora_parameters": {"rank": 8, "scale": 1.0, "dropout": 0.0},
+              "model": {"backbone": [2, 128, 4, 2, 32, 256], "decoder": [2, 64, 4, 2, 16, 128], "text_vocab_size": 128,
+                        "audio_vocab_size": 2051, "audio_num_codebooks": 32}}
+    return json.dumps({k: v for k, v in {**config, **change}.items() if v is not None})
+
+
+ADAPTERS = {
+    "no_layers": adapter_config_json(num_layers=None),
+    "layers_string": adapter_config_json(num_layers="all"),
+    "rank_string": adapter_config_json(lora_parameters={"rank": "8", "scale": 1.0}),
+    "qlora": adapter_config_json(fine_tune_type="qlora"),
+    "unknown_key": adapter_config_json(lora_alpha=16),
+    "sizes_string": adapter_config_json(model={"backbone": "1b", "decoder": [2, 64, 4, 2, 16, 128],
+                                               "text_vocab_size": 128, "audio_vocab_size": 2051,
+                                               "audio_num_codebooks": 32}),
+    "lora_without_parameters": adapter_config_json(lora_parameters=None),
+    "bad_json": '{"fine_tune_type": "lora",\n "num_layers": }\n',
+}
+
+
+def write_user_files(ws: Path, text_vocab_size: int) -> None:
+    """Training data, fine-tuning configs, adapters, model configs and special files with mistakes."""
+    (ws / "data").mkdir()
+    (ws / "data" / "train.jsonl").write_text(json.dumps({"audio": "../voice.wav", "text": "Hi.", "speaker": 0}) + "\n")
+    (ws / "cfg").mkdir()
+    for name, text in CONFIGS.items():
+        (ws / "cfg" / f"{name}.yaml").write_text(text)
+    (ws / "adapters").mkdir()
+    for name, text in ADAPTERS.items():
+        (ws / "adapters" / name).mkdir()
+        (ws / "adapters" / name / "adapter_config.json").write_text(text)
+    stack = {"num_layers": 2, "hidden_size": 128, "num_heads": 4, "num_kv_heads": 2, "intermediate_size": 256}
+    for name, rope in (("rope_string", {"rope_scaling": "llama3"}), ("rope_theta_string", {"rope_theta": "500k"}),
+                       ("rope_factor", {"rope_scaling": {"rope_type": "llama3", "factor": "x"}})):
+        (ws / name).mkdir()
+        (ws / name / "config.json").write_text(json.dumps({
+            "model_type": "csm_mlx", "dtype": "float32", "quantization": None,
+            "model": {"backbone": {**stack, **rope}, "decoder": stack, "text_vocab_size": text_vocab_size}}))
+    os.mkfifo(ws / "fifo")
+    sf.write(ws / "one_hz.wav", np.zeros(100, np.float32), 1)
 
 
 def snapshot(root: Path) -> dict:
@@ -131,6 +196,58 @@ CLI_CASES = [
     (["batch", "{ws}/lines.txt", "-o", "{ws}/voice.wav", "--context-audio", "{ws}/voice.wav", "--context-text", "x"],
      "is also an input"),
     (["batch", "{ws}/a_dir", "-o", "{ws}/out.wav"], "is a directory"),
+    # the files a user hands over: fine-tuning configs, adapter configs, model configs
+    *[(["finetune", "--data", "{ws}/data", "-c", f"{{ws}}/cfg/{name}.yaml"], f"config file {{ws}}/cfg/{name}.yaml" + fragment)
+      for name, fragment in [
+          ("iters_bool", ": iters must be a whole number, got True"),
+          ("checkpoint_maybe", ": grad_checkpoint must be true or false, got 'maybe'"),
+          ("lr_string", ": learning_rate must be a number, got '1e-4x'"),
+          ("lora_string", ": lora_parameters must map names to values, got 'r8'"),
+          ("layers_all", ": num_layers must be a whole number, got 'all'"),
+          ("seed_string", ": seed must be a whole number, got '7'"),
+          ("schedule_name", ": lr_schedule.name must be one of cosine_decay, exponential_decay"),
+          ("schedule_argument", ": lr_schedule.arguments[0] must be a number, got 'fast'"),
+          ("qlora", ": fine_tune_type must be one of lora, full, got 'qlora'"),
+          ("typo", " has the unknown key 'learning_rat'"),
+          ("syntax", " is not valid YAML (line 2, column 13: mapping values are not allowed here)"),
+          ("a_list", " must map names to values"),
+          ("rank_0", ": lora_parameters.rank must be at least 1, got 0"),
+          ("lora_typo", ": lora_parameters has the unknown key 'rnk'"),
+          ("iters_0", ": iters must be at least 1, got 0"),
+          ("missing", " does not exist"),
+      ]],
+    (["finetune", "--data", "{ws}/data", "-c", "{ws}/cfg/schedule_arity.yaml"], "do not fit cosine_decay"),
+    (["finetune", "--data", "{ws}/data", "-c", "{ws}/fifo"], "config file {ws}/fifo is not a regular file"),
+    (["finetune", "--data", "{ws}/data", "--seed", "-1"], "--seed must be at least 0"),
+    (["finetune", "--data", "{ws}/data", "--seed", str(2**64)], "--seed must be at most"),
+    (["finetune", "--data", "{ws}/data", "--learning-rate", "inf"], "--learning-rate must be a finite number"),
+    (["finetune", "--data", "{ws}/data", "--learning-rate", "0"], "--learning-rate must be more than 0"),
+    (["finetune", "--data", "{ws}/data", "--lora-scale", "nan"], "--lora-scale must be a finite number"),
+    (["finetune", "--data", "{ws}/data", "--depth-decoder-ratio", "2"], "--depth-decoder-ratio must be at most 1"),
+    (["finetune", "--data", "{ws}/data", "--num-layers", "-5"], "--num-layers must be at least -1"),
+    (["finetune", "--data", "{ws}/data", "--val-batches", "0"], "--val-batches must be -1 (all) or at least 1"),
+    (["finetune", "--data", "{ws}/data", "--adapter-path", "{ws}/a_file"], "--adapter-path {ws}/a_file is a file"),
+    (["Hi", "-o", "{ws}/out.wav", "--adapter-path", "{ws}/adapters/no_layers"], "adapter_config.json lacks the key 'num_layers'"),
+    (["Hi", "-o", "{ws}/out.wav", "--adapter-path", "{ws}/adapters/qlora"], "fine_tune_type must be one of lora, full"),
+    (["Hi", "-o", "{ws}/out.wav", "--adapter-path", "{ws}/adapters/bad_json"], "is not valid JSON (line 2, column 16"),
+    (["Hi", "-o", "{ws}/out.wav", "--adapter-path", "{ws}/no_adapter"], "adapter directory {ws}/no_adapter does not exist"),
+    (["dialogue", "{ws}/script.txt", "-o", "{ws}/out.wav", "--adapter-path", "{ws}/adapters/layers_string"],
+     "adapter_config.json: num_layers must be a whole number, got 'all'"),
+    (["dialogue", "{ws}/script.txt", "-o", "{ws}/out.wav", "--adapter-path", "{ws}/adapters/unknown_key"],
+     "has the unknown key 'lora_alpha'"),
+    (["batch", "{ws}/lines.txt", "-o", "{ws}/out.wav", "--adapter-path", "{ws}/adapters/rank_string"],
+     "adapter_config.json: lora_parameters.rank must be a whole number, got '8'"),
+    (["batch", "{ws}/lines.txt", "-o", "{ws}/out.wav", "--adapter-path", "{ws}/adapters/sizes_string"],
+     "adapter_config.json: model.backbone must be a list, got '1b'"),
+    (["batch", "{ws}/lines.txt", "-o", "{ws}/out.wav", "--adapter-path", "{ws}/adapters/lora_without_parameters"],
+     "is a LoRA adapter without lora_parameters"),
+    (["Hi", "-o", "{ws}/out.wav", "--model", "{ws}/rope_string"], "the backbone's RoPE scaling must map names to values"),
+    (["Hi", "-o", "{ws}/out.wav", "--model", "{ws}/rope_theta_string"], "the backbone's rope_theta must be a number"),
+    (["Hi", "-o", "{ws}/out.wav", "--model", "{ws}/rope_factor"], "the backbone's RoPE scaling: factor must be a number"),
+    # special files: a FIFO would block the read, a 1 Hz file take minutes to resample
+    (["Hi", "-o", "{ws}/out.wav", "--context-audio", "{ws}/fifo", "--context-text", "x"], "fifo is not a regular file"),
+    (["verify", "{ws}/fifo"], "audio file {ws}/fifo is not a regular file"),
+    (["verify", "{ws}/one_hz.wav"], "a sample rate of 1 Hz holds no speech band"),
 ]
 
 
@@ -150,8 +267,8 @@ def test_bad_cli_input_is_one_line_exit_2_and_leaves_nothing(ws, capsys, argv, f
     assert snapshot(ws) == before  # nothing made, nothing changed
 
 
-def test_there_are_at_least_40_cases():
-    assert len(CLI_CASES) >= 40
+def test_there_are_at_least_80_cases():
+    assert len(CLI_CASES) >= 80
 
 
 def run_cli(*argv, stdin=None, env=None, preexec_fn=interruptible):

@@ -7,6 +7,7 @@ the config also records the sizes of the model the adapter was made for.
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Dict, Optional
 
@@ -16,6 +17,7 @@ from mlx_lm.tuner.lora import LoRALinear
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
 from ..models import Model
+from ..options import OptionError, Rule, check_mapping, syntax_error
 from .files import write_atomically
 
 CONFIG_FILE = "adapter_config.json"
@@ -27,6 +29,21 @@ LORA_KEYS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_a
 # alpha / r = 1, as the CSM recipes (Unsloth: r 32, alpha 32); mlx-lm's default scale of 20
 # would make each LoRA step 20x larger than theirs at the same learning rate.
 LORA_PARAMETERS = {"rank": 32, "scale": 1.0, "dropout": 0.0}
+LORA_FIELDS = {"rank": Rule(int, 1, 4096), "scale": Rule(float, 0.0, 1e4, positive=True), "dropout": Rule(float, 0.0, 0.99)}
+NUM_LAYERS = Rule(int, -1, 256)  # -1: all
+_STACK = Rule(list, items=Rule(int, 0, 1 << 20), length=6, required=True)
+# adapter_config.json as adapter_config writes it; the training run's values are kept for the record.
+CONFIG_FIELDS = {
+    "fine_tune_type": Rule(str, choices=FINE_TUNE_TYPES, required=True),
+    "num_layers": replace(NUM_LAYERS, required=True),
+    "lora_parameters": Rule(dict, optional=True, fields={**LORA_FIELDS, "keys": Rule(list, items=Rule(str))}),
+    "model": Rule(dict, required=True, fields={
+        "backbone": _STACK, "decoder": _STACK, "text_vocab_size": Rule(int, 1, required=True),
+        "audio_vocab_size": Rule(int, 1, required=True), "audio_num_codebooks": Rule(int, 1, required=True)}),
+    **{name: Rule(str, optional=True) for name in ("base_model", "data")},
+    **{name: Rule(int, optional=True) for name in ("iters", "batch_size", "seed")},
+    **{name: Rule(float, optional=True) for name in ("learning_rate", "depth_decoder_ratio")},
+}
 
 
 class AdapterError(ValueError):
@@ -100,16 +117,25 @@ def save_adapters(model: Model, path: os.PathLike) -> None:
 
 
 def read_config(adapter_path: os.PathLike) -> Dict[str, Any]:
+    """The adapter's config, every key checked, before any model is loaded."""
     path = Path(adapter_path) / CONFIG_FILE
+    fix = "point --adapter-path to a directory that csm-mlx finetune wrote"
+    if not Path(adapter_path).is_dir():
+        raise AdapterError(f"adapter directory {adapter_path} {'is a file' if Path(adapter_path).exists() else 'does not exist'}: {fix}")
+    if not path.is_file():
+        raise AdapterError(f"{adapter_path} has no {CONFIG_FILE}: {fix}")
     try:
         config = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise AdapterError(f"{adapter_path} has no {CONFIG_FILE}: point --adapter-path to a directory that "
-                           "csm-mlx finetune wrote") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AdapterError(f"{path} is not valid JSON ({e})") from None
-    if not isinstance(config, dict) or "model" not in config or config.get("fine_tune_type") not in FINE_TUNE_TYPES:
-        raise AdapterError(f"{path} is not a csm-mlx adapter (it names no CSM model sizes or fine-tune type)")
+    except UnicodeDecodeError:
+        raise AdapterError(f"{path} is not UTF-8 JSON: {fix}") from None
+    except json.JSONDecodeError as e:
+        raise AdapterError(f"{path} is not valid JSON ({syntax_error(e)}): {fix}") from None
+    try:
+        config = check_mapping(config, CONFIG_FIELDS, str(path))
+    except OptionError as e:
+        raise AdapterError(f"{e}: {fix}") from None
+    if config["fine_tune_type"] == "lora" and config.get("lora_parameters") is None:
+        raise AdapterError(f"{path} is a LoRA adapter without lora_parameters: {fix}")
     return config
 
 
@@ -133,7 +159,13 @@ def load_weights(model: Model, path: os.PathLike) -> Model:
     try:
         weights = mx.load(str(path))
     except Exception as e:  # MLX raises bare RuntimeError/ValueError for missing or bad files
-        raise AdapterError(f"{path} cannot be read as safetensors ({e})") from None
+        raise AdapterError(f"{path} cannot be read as safetensors ({' '.join(str(e).split())})") from None
+    if not isinstance(weights, dict):
+        raise AdapterError(f"{path} is not a safetensors file of adapter weights")
+    for name, w in weights.items():
+        if mx.issubdtype(w.dtype, mx.floating) and not mx.all(mx.isfinite(w)).item():
+            raise AdapterError(f"{path} holds NaN or infinite values ({name}): it was saved by a training run that "
+                               "diverged; train again with a lower --learning-rate")
     params = dict(tree_flatten(model.parameters()))
     for name, w in weights.items():
         if name not in params or params[name].shape != w.shape:

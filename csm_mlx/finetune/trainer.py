@@ -7,6 +7,7 @@ both terms; everything else (TrainingArgs, gradient checkpointing, accumulation,
 checkpoints, evaluation every steps_per_eval) follows mlx-lm.
 """
 
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,10 @@ from .batches import DEPTH_DECODER_RATIO, iterate_batches
 from .data import Example
 
 Batch = Tuple[mx.array, mx.array, mx.array]
+
+
+class TrainingError(ValueError):
+    """Training that cannot go on; the message says why and what was kept."""
 
 
 def csm_loss(model: Model, tokens: mx.array, mask: mx.array, labels: mx.array):
@@ -74,7 +79,9 @@ def train(
 
     Adapters are saved to args.adapter_file every args.steps_per_save steps (with a numbered
     copy beside it), at the end, and when interrupted (Ctrl-C): then KeyboardInterrupt goes on
-    up, after the save. batches(dataset, batch_size, depth_decoder_ratio, loop, seed) yields
+    up, after the save. A loss that is not finite stops training with a TrainingError: the step
+    has already made the weights NaN, so nothing more is saved and the last save stays.
+    batches(dataset, batch_size, depth_decoder_ratio, loop, seed) yields
     (tokens, mask, labels)."""
     adapter_file = Path(args.adapter_file)
     if args.grad_accumulation_steps < 1:
@@ -84,11 +91,13 @@ def train(
         # mlx-lm's checkpointing patches the block class, shared by backbone and depth decoder.
         grad_checkpoint(model.backbone.layers[0])
     loss_and_grad = nn.value_and_grad(model, loss)
-    step, accumulated = 0, None
+    step, accumulated, saved = 0, None, 0
     since_report = dict(terms=mx.zeros(3), steps=0, rows=0, time=0.0)
 
     def save(it: int, numbered: bool) -> None:
+        nonlocal saved
         save_adapters(model, adapter_file)
+        saved = it
         if numbered:
             save_adapters(model, adapter_file.parent / f"{it:07d}_{adapter_file.name}")
         if on_save is not None:
@@ -116,6 +125,10 @@ def train(
                 optimizer.update(model, tree_map(lambda g: g / k, accumulated) if k > 1 else accumulated)
                 accumulated = None
             mx.eval(model.parameters(), optimizer.state, accumulated, total, backbone, depth)
+            if not math.isfinite(total.item()):
+                kept = f"the adapters of step {saved} stay in {adapter_file}" if saved else "no adapters were saved"
+                raise TrainingError(f"the loss is {total.item()} at step {it}, so training stopped: lower the "
+                                    f"learning rate (--learning-rate) or check the data; {kept}")
             step = it
             since_report["terms"] = since_report["terms"] + mx.stack([total, backbone, depth])
             since_report["steps"] += 1
