@@ -24,6 +24,7 @@ from csm_mlx import CSM, Segment
 from csm_mlx.audio import AudioError, AudioWriter
 from csm_mlx.cli.main import main as cli_main
 from csm_mlx.codec import Mimi
+from csm_mlx.hub import HubError
 from csm_mlx.options import OptionError
 
 from speech_fixtures import interruptible, write_voice
@@ -289,6 +290,11 @@ def test_convert_errors_come_before_loading(ws, original_dir):
         (["--hf-path", original_dir, "--mlx-path", ws / "q3", "-q", "--q-bits", "3"], "--q-bits 3 is not supported"),
         (["--hf-path", original_dir, "--mlx-path", ws / "a_dir_full"], "already exists"),
         (["--hf-path", ws / "huge_model", "--mlx-path", ws / "out_model"], "num_layers is 1000000"),
+        (["--hf-path", ws / "rope_string", "--mlx-path", ws / "out_model"], "RoPE scaling must map names to values"),
+        (["--hf-path", original_dir, "--mlx-path", ws / "out_model", "--adapter-path", ws / "adapters" / "no_layers"],
+         "lacks the key 'num_layers'"),
+        (["--hf-path", original_dir, "--mlx-path", ws / "out_model", "--adapter-path", ws / "adapters" / "bad_json"],
+         "is not valid JSON (line 2, column 16"),
     ]
     (ws / "a_dir_full").mkdir()
     (ws / "a_dir_full" / "keep").write_text("mine")
@@ -341,6 +347,65 @@ def test_full_disk_is_one_line_and_leaves_no_part_file(hub_cache, ws):
     assert err.count("\n") == 1 and "Traceback" not in err
     assert f"cannot write {disk / 'out.wav'}: " + ("no space left on device" if mounted else "file too large") in err
     assert listing == []
+
+
+def full_disk(ws: Path, run):
+    """run(disk, preexec_fn) on a 64 KiB disk (or under a 64 KiB file-size limit where nothing can be
+    mounted): (its result, what the disk holds afterwards, the reason the write fails)."""
+    disk = ws / "disk"
+    mounted = tmpfs(disk, "64k")
+    try:
+        result = run(disk, interruptible if mounted else limit_file_size)
+        listing = sorted(p.name for p in disk.iterdir())
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(disk)])
+    return result, listing, "no space left on device" if mounted else "file too large"
+
+
+def test_full_disk_while_converting_is_one_line_and_leaves_nothing(ws, transformers_dir):
+    result, listing, reason = full_disk(ws, lambda disk, preexec_fn: subprocess.run(
+        [CONVERT, "--hf-path", str(transformers_dir), "--mlx-path", str(disk / "model"), "--dtype", "float32"],
+        capture_output=True, text=True, preexec_fn=preexec_fn))
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert f"cannot write {ws / 'disk' / 'model'}: {reason}" in result.stderr, result.stderr
+    assert listing == []
+
+
+def test_full_disk_while_saving_adapters_is_one_line_and_leaves_nothing(ws, transformers_dir, tokenizer_path, mimi_path):
+    result, listing, reason = full_disk(ws, lambda disk, preexec_fn: subprocess.run(
+        [CLI, "finetune", "--data", str(ws / "data"), "--adapter-path", str(disk / "adapter"), "--iters", "1",
+         "--batch-size", "1", "--lora-rank", "64", "--model", str(transformers_dir), "--tokenizer", str(tokenizer_path),
+         "--mimi", str(mimi_path)], capture_output=True, text=True, preexec_fn=preexec_fn))
+    errors = [line for line in result.stderr.splitlines() if "error" in line]
+    assert result.returncode == 2 and len(errors) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert f"cannot write {ws / 'disk' / 'adapter' / 'adapters.safetensors'}: {reason}" in errors[0]
+    assert listing == []  # not even the adapter's config: a run that saved nothing leaves nothing
+
+
+def test_nan_adapters_are_refused_when_loaded_or_fused(hub_cache, ws, transformers_dir, capsys):
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    from csm_mlx import load_model
+    from csm_mlx.finetune.adapters import adapter_config, prepare_model, save_adapters, save_config
+
+    model = load_model(transformers_dir)[0]
+    prepare_model(model, "lora", -1)
+    name = next(k for k, _ in tree_flatten(model.trainable_parameters()) if k.endswith("lora_b"))
+    model.load_weights([(name, mx.full(dict(tree_flatten(model.parameters()))[name].shape, float("nan")))], strict=False)
+    adapter = ws / "nan_adapter"
+    save_config(adapter, adapter_config(model, "lora", -1))
+    save_adapters(model, adapter / "adapters.safetensors")
+    before = snapshot(ws)
+    assert cli_main(["Hi", "-o", str(ws / "out.wav"), "--adapter-path", str(adapter)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "holds NaN or infinite values" in err and name in err, err
+    result = subprocess.run([CONVERT, "--hf-path", str(transformers_dir), "--mlx-path", str(ws / "fused"),
+                             "--adapter-path", str(adapter)], capture_output=True, text=True)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert "holds NaN or infinite values" in result.stderr
+    assert snapshot(ws) == before
 
 
 def test_read_only_directory(ws):
@@ -466,6 +531,15 @@ API_CASES = [
     (lambda c: c.generate("Hi", context=[Segment(0, "x", np.zeros((2, 4800)))]), AudioError, "mono"),
     (lambda c: c.generate("Hi", context=[Segment(0, "x", np.zeros(24_000 * 200))]), AudioError, "200 s long"),
     (lambda c: c.generate("Hi", context=[Segment(-1, "x")]), OptionError, "speaker must be at least 0"),
+    (lambda c: c.generate("Hi", context="a voice"), OptionError, "context must be a list of Segments, got str"),
+    (lambda c: c.generate("Hi", context=[(0, "x")]), OptionError, "context[0] must be a Segment, got tuple"),
+    (lambda c: list(c.stream("Hi", context=Segment(0, "x"))), OptionError, "context must be a list of Segments"),
+    (lambda c: c.generate_batch(["ok"], context=[{"speaker": 0}]), OptionError, "context[0] must be a Segment"),
+    (lambda c: c.conversation([None]), OptionError, "context[0] must be a Segment, got NoneType"),
+    (lambda c: c.dialogue(["Hi."]), OptionError, "turns[0] must be a Segment, got str"),
+    (lambda c: c.dialogue([Segment(0, "Hi.")], voices=[0]), OptionError, "voices[0] must be a Segment, got int"),
+    (lambda c: CSM.load(Path("/missing/model")), HubError, "model directory /missing/model does not exist"),
+    (lambda c: CSM.load(42), OptionError, "model must be a hub id or a directory, got int"),
 ]
 
 FRESH = """
