@@ -22,7 +22,7 @@ from csm_mlx.finetune.adapters import (ADAPTER_FILE, AdapterError, adapter_confi
                                        prepare_model, save_config)
 from csm_mlx.finetune.batches import iterate_batches
 from csm_mlx.finetune.data import CACHE_DIR, Example, TrainingSegment, split_at_pauses
-from csm_mlx.finetune.trainer import TrainingArgs, evaluate, train
+from csm_mlx.finetune.trainer import TrainingArgs, TrainingError, csm_loss, evaluate, train
 from csm_mlx.models import FLAVORS, ModelArgs, TransformerArgs
 
 TEXT = "Hello from MLX."
@@ -328,3 +328,57 @@ def test_conversation_lines_mark_context_turns(data_dir):
     bad_line(data_dir, json.dumps({"segments": [turn(1, "no")]}))
     with pytest.raises(DataError, match="train.jsonl:1: turn 1: \"train\" must be true or false"):
         read_lines(data_dir / "train.jsonl")
+
+
+def nan_from_step(first_nan):
+    """csm_loss until step first_nan, then a NaN loss (what a diverged run gives)."""
+    calls = []
+
+    def loss(model, *batch):
+        calls.append(1)
+        total, backbone, depth, rows = csm_loss(model, *batch)
+        return (total * float("nan") if len(calls) >= first_nan else total), backbone, depth, rows
+
+    return loss
+
+
+def test_a_nan_loss_stops_training_and_keeps_the_last_finite_save(original_dir, tmp_path):
+    model = load_model(original_dir)[0]
+    prepare_model(model, "lora", -1, {"rank": 4, "scale": 1.0})
+    with pytest.raises(TrainingError, match=r"the loss is nan at step 3.*adapters of step 2 stay in"):
+        train(model, optim.Adam(learning_rate=1e-3), tiny_examples(), None,
+              TrainingArgs(batch_size=1, iters=10, steps_per_save=2, adapter_file=str(tmp_path / ADAPTER_FILE)),
+              loss=nan_from_step(3))
+    saved = mx.load(str(tmp_path / ADAPTER_FILE))
+    assert all(np.isfinite(np.array(v)).all() for v in saved.values())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["0000002_" + ADAPTER_FILE, ADAPTER_FILE]
+
+
+def test_a_run_that_diverges_before_saving_leaves_nothing(data_dir, original_dir, tokenizer_path, mimi_path, tmp_path,
+                                                          capsys, monkeypatch):
+    import csm_mlx.cli.finetune as command
+
+    monkeypatch.setattr(command, "train", lambda *args, **kwargs: train(*args, **kwargs, loss=nan_from_step(1)))
+    adapter = tmp_path / "adapter"
+    code = cli_main(["finetune", "--data", str(data_dir), "--adapter-path", str(adapter), "--iters", "3",
+                     "--batch-size", "1", *model_flags(original_dir, tokenizer_path, mimi_path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("csm-mlx: error: the loss is nan at step 1") and "Traceback" not in err
+    assert "no adapters were saved" in err[-1] and not adapter.exists()
+
+
+def test_finetune_needs_no_watermark_weights(data_dir, transformers_dir, tokenizer_path, mimi_path, tmp_path):
+    """Training makes no audio: offline with an empty hub cache it runs without SilentCipher's weights."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    empty = tmp_path / "empty-hub"
+    empty.mkdir()
+    result = subprocess.run([str(Path(sys.executable).parent / "csm-mlx"), "finetune", "--data", str(data_dir),
+                             "--adapter-path", str(tmp_path / "adapter"), "--iters", "1", "--batch-size", "1",
+                             *model_flags(transformers_dir, tokenizer_path, mimi_path)],
+                            capture_output=True, text=True, env={**os.environ, "HF_HUB_CACHE": str(empty),
+                                                                 "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "adapter" / ADAPTER_FILE).is_file()
