@@ -205,6 +205,65 @@ def test_too_little_audio_for_a_message_is_refused(wm):
         wm.verify(clip(20_000, rate=24_000), 24_000, search="none")
 
 
+# -- long files: read in blocks, scored in windows ----------------------------------------------
+
+
+def test_blocks_of_a_file_are_its_samples_read_at_once(tmp_path):
+    from csm_mlx.audio import read_audio, read_audio_blocks
+
+    sf.write(tmp_path / "stereo.flac", np.stack([clip(70_000, rate=22_050), clip(70_000, seed=2, rate=22_050)], 1), 22_050)
+    blocks = list(read_audio_blocks(tmp_path / "stereo.flac", 44_100, block_seconds=0.3))
+    assert len(blocks) > 5
+    whole = read_audio(tmp_path / "stereo.flac", max_seconds=None, sample_rate=44_100)
+    np.testing.assert_array_equal(np.concatenate(blocks), whole)  # so a short file verifies exactly as before
+
+
+def test_short_audio_in_blocks_verifies_as_a_whole(wm):
+    audio = clip(44_100, seed=3)
+    whole = wm.verify(audio, 44_100, search="none")
+    assert wm.verify_blocks(np.split(audio, [1000, 30_000, 30_001]), search="none") == whole
+
+
+def planted_message(lengths):
+    """A message decoder that reads PUBLIC_KEY's message in every window (each from its frame 0),
+    recording the length of audio each pass reads."""
+    message = message_symbols(PUBLIC_KEY)
+
+    def logits(self, y):
+        lengths.append(len(y))
+        frames = (len(y) + watermark.N_FFT - len(y) % watermark.N_FFT) // watermark.HOP + 1
+        return watermark.mx.array(np.eye(5, dtype=np.float32)[message[np.arange(frames) % MESSAGE_LEN]])
+
+    return logits
+
+
+def test_long_audio_is_scored_in_bounded_windows(monkeypatch, wm):
+    """Each decoder pass reads at most LONG samples; the windows' rows line up, so a message
+    planted in every window decodes with full confidence; progress reaches the end."""
+    lengths = []
+    monkeypatch.setattr(Watermarker, "_logits", planted_message(lengths))
+    total = int(2.6 * watermark.WINDOW)
+    audio = clip(total, seed=5)
+    done = []
+    key, confidence = wm.verify_blocks((audio[i : i + 44_100] for i in range(0, total, 44_100)), key=PUBLIC_KEY,
+                                       progress=done.append)
+    assert (key, confidence) == (PUBLIC_KEY, 1.0)
+    assert max(lengths) <= watermark.LONG and len(lengths) == 1 + 3  # offset 0 holds the key; 3 windows
+    assert done == sorted(done) and done[-1] == total
+    with pytest.raises(WatermarkError, match="a sample rate of 1 Hz"):
+        wm.verify(audio[:100], 1)
+
+
+def test_verify_reads_a_long_file_in_windows(silentcipher_dir, tmp_path, capsys, monkeypatch):
+    lengths = []
+    monkeypatch.setattr(Watermarker, "_logits", planted_message(lengths))
+    sf.write(tmp_path / "long.flac", clip(45 * 24_000, rate=24_000), 24_000)
+    assert cli_main(["verify", str(tmp_path / "long.flac"), "--weights", str(silentcipher_dir)]) == 0
+    out = capsys.readouterr()
+    assert out.out == f"{tmp_path / 'long.flac'}: watermarked (key 212,211,146,56,201, confidence 1.00)\n"
+    assert out.err == "" and max(lengths) <= watermark.LONG and len(lengths) == 1 + 3
+
+
 # -- the phase search on planted score landscapes ------------------------------------------------
 
 
