@@ -328,6 +328,7 @@ def test_loader_refuses_a_pickle_that_would_run_a_command(tmp_path, capsys):
         archive.writestr("enc_c/byteorder", "little")
     with pytest.raises(TorchCheckpointError, match=r"refers to (posix|os)\.system.*refusing"):
         load_torch_checkpoint(tmp_path / "enc_c.ckpt")
+    sf.write(tmp_path / "x.wav", clip(44_100), 44_100)  # a readable file: the weights are loaded for it
     assert cli_main(["verify", "--weights", str(tmp_path), str(tmp_path / "x.wav")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "refusing to load it" in err[0]
