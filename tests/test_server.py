@@ -13,9 +13,11 @@ import time
 from pathlib import Path
 
 import av
+import librosa
 import httpx2 as httpx  # the openai client's own HTTP library
 import numpy as np
 import openai
+import psutil
 import pytest
 import soundfile as sf
 import uvicorn
@@ -23,9 +25,11 @@ import uvicorn
 from csm_mlx import CSM
 from csm_mlx.cli.main import main as cli_main
 from csm_mlx.codec import Mimi
-from csm_mlx.server.mimi_pool import MimiPool
+from csm_mlx.server.app import KNOBS
+from csm_mlx.server.mimi_pool import MimiPool, PoolStopped
 from csm_mlx.server import build_app
-from csm_mlx.server.encoders import to_pcm16
+from csm_mlx.server.encoders import FORMATS, to_pcm16
+from csm_mlx.server.graceful import GracefulServer
 from csm_mlx.server.stream import AUDIO_NICE
 
 CLI = str(Path(sys.executable).parent / "csm-mlx")
@@ -43,13 +47,13 @@ def csm(hub_cache):
 class LiveServer:
     """uvicorn on 127.0.0.1 and a free port, in a thread of this process (sharing the loaded model)."""
 
-    def __init__(self, csm, voices_dir, max_batch=4, max_queue=1, api_key=None, transform=None):
+    def __init__(self, csm, voices_dir, max_batch=4, max_queue=1, api_key=None, transform=None, cors_origins=()):
         self.engine = csm.engine(max_batch, max_queue=max_queue, prefill_chunk=8)
-        app = build_app(csm, self.engine, voices_dir, api_key=api_key, transform=transform)
+        app = build_app(csm, self.engine, voices_dir, api_key=api_key, transform=transform, cors_origins=cors_origins)
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        self.server = GracefulServer(uvicorn.Config(app, log_level="warning"), shutdown_timeout=1)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
         self.thread.start()
         while not self.server.started:
@@ -132,6 +136,24 @@ def test_every_format_streams_the_audio_csm_generate_gives(csm, live):
     # mp3 is the default format, as LibreChat expects
     default = client.audio.speech.create(model="tts-1", voice="alloy", input="Hello from the server.", extra_body=GREEDY)
     assert default.content[:1] == b"\xff" and len(decode(default.content)) >= len(expected)
+
+
+def test_a_flac_response_opens_in_every_reader_as_the_wav_response(live):
+    """libsndfile (soundfile, librosa) reads a FLAC header of unknown length as an endless file:
+    the response carries its length and MD5, and every reader gets the WAV response's samples."""
+    client = live.client()
+    wav = pcm16(speak(client, "wav", **GREEDY)[44:])
+    flac = speak(client, "flac", **GREEDY)
+    streaminfo = flac[8:42]
+    assert int.from_bytes(streaminfo[13:18], "big") & (2**36 - 1) == len(wav)
+    assert streaminfo[18:] != bytes(16)  # the MD5 of the samples, which readers may check
+    samples, rate = sf.read(io.BytesIO(flac), dtype="int16")
+    assert rate == 24_000
+    assert_pcm_close(samples, wav)
+    loaded, rate = librosa.load(io.BytesIO(flac), sr=None)
+    assert rate == 24_000
+    assert_pcm_close(np.round(loaded * 32768).astype(np.int16), wav)
+    assert_pcm_close(np.round(decode(flac) * 32768).astype(np.int16), wav)  # PyAV (FFmpeg)
 
 
 def test_a_watermarked_model_marks_every_response_as_its_stream_does(csm, tmp_path):
@@ -331,6 +353,15 @@ def test_bad_requests_get_openai_errors(live, tmp_path):
         (_post(url, {**ok, "context": [{"speaker": -1, "text": "x"}]}), 400, "context[0].speaker", "at least 0"),
         (_post(url, content=b"{not json", headers={"content-type": "application/json"}), 400, None, "must be JSON"),
         (_post(url, ["a list"]), 400, None, "JSON object"),
+        (_post(url, content=b"[" * 100_000), 400, None, "nested too deeply"),
+        (_post(url, content=b'{"a": ' * 50_000 + b"1" + b"}" * 50_000), 400, None, "nested too deeply"),
+        (_post(url, content=json.dumps(ok)[:-1].encode() + b', "speed": NaN}'), 400, None, "must be JSON"),
+        (_post(url, content=b"\xff\xfe\x00\xd8garbage"), 400, None, "must be JSON"),
+        (_post(url, content=b""), 400, None, "must be JSON"),
+        (_post(url, {**ok, "response_format": 5}), 400, "response_format", "must be one of"),
+        (_post(url, {**ok, "response_format": ["mp3"]}), 400, "response_format", "must be one of"),
+        (_post(url, {**ok, "speed": "fast"}), 400, "speed", "number"),
+        (_post(url, content=json.dumps(ok)[:-1].encode() + b', "speed": 1e999}'), 400, "speed", "finite number"),
         (_post(url, content=b"x" * (17 * 2**20)), 413, None, "larger than 16 MiB"),
         (httpx.get(url + "/v1/audio/speech"), 405, None, "method not allowed"),
         (httpx.get(url + "/v1/nothing"), 404, None, "no such route"),
@@ -339,6 +370,14 @@ def test_bad_requests_get_openai_errors(live, tmp_path):
          400, "transcript", "the text the clip says"),
         (httpx.post(url + "/v1/audio/voices", data={"name": "x", "transcript": "y"},
                     files={"audio_sample": ("a.wav", b"RIFF garbage")}), 400, "audio_sample", "cannot read"),
+        (httpx.post(url + "/v1/audio/voices", data={"name": "x", "transcript": "y"},
+                    files={"audio_sample": ("a.wav", b"")}), 400, "audio_sample", "is empty"),
+        (httpx.post(url + "/v1/audio/voices", content=b"--b\r\ngarbage\r\n\r\n--",
+                    headers={"content-type": "multipart/form-data; boundary=b"}), 400, None, "multipart form"),
+        (httpx.post(url + "/v1/audio/voices", content=b"\x00" * 100,
+                    headers={"content-type": "multipart/form-data"}), 400, None, "multipart form"),
+        (httpx.post(url + "/v1/audio/voices", content=b"name=x", headers={"content-type": "text/plain"}), 400,
+         None, "multipart form"),
         (httpx.post(url + "/v1/audio/voices", data={"name": "x", "transcript": "y"},
                     files={"audio_sample": ("a.wav", b"\0" * (10 * 2**20 + 10))}), 413, "audio_sample", "larger than"),
         (httpx.delete(url + "/v1/audio/voices/../../etc"), 404, None, "no such route"),
@@ -349,8 +388,21 @@ def test_bad_requests_get_openai_errors(live, tmp_path):
         error = response.json()["error"]
         assert (response.status_code, error["param"]) == (status, param), (n, response.text)
         assert fragment in error["message"] and "Traceback" not in response.text, (n, error)
+        assert " object at 0x" not in error["message"], (n, error)
         assert set(error) == {"message", "type", "param", "code"}
     assert live.engine.active == 0 and not list(Path(tmp_path).iterdir())
+
+
+def test_null_is_the_default_for_every_optional_field(live):
+    """Clients that send null for "default" get what an absent field gives."""
+    nulls = {name: None for name in ("response_format", "stream_format", "speed", "instructions", "context", *KNOBS)}
+    body = {"model": "tts-1", "input": "Hello from the server.", "voice": "alloy"}
+    response = _post(live.url, {**body, **nulls, **GREEDY})
+    assert response.status_code == 200 and response.headers["content-type"] == "audio/mpeg"
+    assert len(decode(response.content)) >= FRAMES * 1920
+    response = _post(live.url, {**body, **nulls, **GREEDY, "response_format": "pcm"})
+    assert response.status_code == 200
+    assert_pcm_close(pcm16(response.content), pcm16(speak(live.client(), "pcm", **GREEDY)))
 
 
 def test_speed_is_a_time_stretch(live):
@@ -407,6 +459,15 @@ def test_api_key_and_listings(csm, tmp_path):
             speak(server.client(api_key="wrong"), "pcm", **GREEDY)
         assert httpx.get(server.url + "/v1/models").status_code == 401
         assert httpx.get(server.url + "/health").json()["status"] == "ok"
+        for scheme, status in (("bearer", 200), ("BEARER", 200), ("Basic", 401), ("", 401)):
+            headers = {"Authorization": f"{scheme} sesame".strip()}
+            assert httpx.get(server.url + "/v1/models", headers=headers).status_code == status, scheme
+        # the API's documentation is open: it holds no secrets
+        assert "swagger" in httpx.get(server.url + "/docs").text.lower()
+        schema = httpx.get(server.url + "/openapi.json").json()
+        body = schema["paths"]["/v1/audio/speech"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+        assert body["required"] == ["model", "input", "voice"] and "flac" in body["properties"]["response_format"]["enum"]
+        assert "multipart/form-data" in schema["paths"]["/v1/audio/voices"]["post"]["requestBody"]["content"]
         client = server.client(api_key="sesame")
         assert {"csm-1b", "tts-1"} <= {m.id for m in client.models.list()}
         models = httpx.get(server.url + "/v1/audio/models", headers={"Authorization": "Bearer sesame"}).json()
@@ -414,6 +475,33 @@ def test_api_key_and_listings(csm, tmp_path):
         assert len(speak(client, "pcm", **GREEDY)) == FRAMES * 1920 * 2
     finally:
         server.stop()
+
+
+def test_cors_lets_a_page_on_another_origin_call_with_its_key(csm, tmp_path, live):
+    origin = "http://localhost:3000"
+    server = LiveServer(csm, tmp_path, api_key="sesame", cors_origins=(origin,))
+    url = server.url + "/v1/audio/speech"
+    body = {"model": "tts-1", "input": "Hi.", "voice": "alloy", "response_format": "pcm", **GREEDY}
+    try:
+        preflight = {"Origin": origin, "Access-Control-Request-Method": "POST",
+                     "Access-Control-Request-Headers": "authorization, content-type, x-stainless-os"}
+        answer = httpx.options(url, headers=preflight)  # a preflight carries no key
+        assert answer.status_code == 200 and answer.headers["access-control-allow-origin"] == origin
+        assert "POST" in answer.headers["access-control-allow-methods"]
+        assert "authorization" in answer.headers["access-control-allow-headers"].lower()
+        refused = httpx.post(url, json=body, headers={"Origin": origin})
+        assert refused.status_code == 401 and refused.headers["access-control-allow-origin"] == origin
+        spoken = httpx.post(url, json=body, headers={"Origin": origin, "Authorization": "Bearer sesame"})
+        assert spoken.status_code == 200 and len(spoken.content) == FRAMES * 1920 * 2
+        assert spoken.headers["access-control-allow-origin"] == origin
+        assert "x-sample-rate" in spoken.headers["access-control-expose-headers"].lower()
+        stranger = httpx.options(url, headers={**preflight, "Origin": "http://elsewhere.example"})
+        assert stranger.status_code == 400 and "access-control-allow-origin" not in stranger.headers
+    finally:
+        server.stop()
+    # off by default: no page elsewhere may call
+    answer = httpx.options(live.url + "/v1/audio/speech", headers=preflight)
+    assert answer.status_code == 405 and "access-control-allow-origin" not in answer.headers
 
 
 def test_serve_command(hub_cache, tmp_path, capsys, monkeypatch):
@@ -429,45 +517,216 @@ def test_serve_command(hub_cache, tmp_path, capsys, monkeypatch):
         assert cli_main(["serve"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "pip install 'csm-mlx[server]'" in err
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    process = subprocess.Popen([CLI, "serve", "--port", str(port), "--api-key", "k", "--voices-dir", str(tmp_path),
-                                "--max-batch", "2"], stderr=subprocess.PIPE, text=True)
+    server = ServeProcess(tmp_path, "--api-key", "k", "--max-batch", "2")
     try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            try:
-                if httpx.get(url + "/health").json()["max_batch"] == 2:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
-        client = openai.OpenAI(base_url=url + "/v1", api_key="k", max_retries=0)
+        assert server.health["max_batch"] == 2
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="k", max_retries=0)
         assert len(speak(client, "wav", **GREEDY)) == 44 + FRAMES * 1920 * 2
     finally:
-        process.send_signal(signal.SIGINT)
-        code = process.wait(timeout=30)
-    stderr = process.stderr.read()
+        code, stderr = server.stop(signal.SIGINT)
     assert code == 0, stderr  # Ctrl-C is how a server stops
     assert "Traceback" not in stderr and stderr.strip().endswith("csm-mlx: stopped"), stderr
 
 
-def test_the_mimi_pool_reuses_instances_and_loads_through_run(csm):
-    """Instances go back reset and come out again; a load (to grow, or to replace a worn one)
-    goes through run, as the server runs it on the engine's thread between frames."""
-    loads = []
+class ServeProcess:
+    """`csm-mlx serve` as a user runs it, in a process of its own, ready to answer."""
+
+    def __init__(self, voices_dir, *args):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        self.process = subprocess.Popen([CLI, "serve", "--port", str(port), "--voices-dir", str(voices_dir), *args],
+                                        stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 120
+        while True:
+            try:
+                self.health = httpx.get(self.url + "/health").json()
+                return
+            except httpx.TransportError:
+                if self.process.poll() is not None or time.time() > deadline:
+                    self.process.kill()
+                    raise AssertionError(f"the server did not start: {self.process.stderr.read()}") from None
+                time.sleep(0.2)
+
+    def rss(self) -> int:
+        return psutil.Process(self.process.pid).memory_info().rss
+
+    def stop(self, *signals, timeout: float = 30):
+        """Send the signals (0.2 s apart); its exit code and stderr."""
+        for n, sig in enumerate(signals):
+            if n:
+                time.sleep(0.2)
+            self.process.send_signal(sig)
+        try:
+            code = self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            raise
+        return code, self.process.stderr.read()
+
+
+def stream_in_background(url: str, seconds: int = 60):
+    """A long greedy PCM stream on a thread: (thread, its chunks, what ended it)."""
+    chunks, ended = [], []
+
+    def run():
+        body = {"model": "tts-1", "input": "Talk for a long while.", "voice": "alloy", "response_format": "pcm",
+                "temperature": 0, "max_audio_length_ms": seconds * 1000}
+        try:
+            with httpx.stream("POST", url + "/v1/audio/speech", json=body, timeout=60) as response:
+                for chunk in response.iter_bytes():
+                    chunks.append(chunk)
+            ended.append("complete")
+        except httpx.HTTPError as e:
+            ended.append(e)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    deadline = time.time() + 30
+    while not chunks and thread.is_alive() and time.time() < deadline:
+        time.sleep(0.01)
+    assert chunks, ended
+    return thread, chunks, ended
+
+
+# What a flood may add to the resident memory of a server that has served one request: the
+# other batch size's buffers, threads, queued frames, encoders and the watermark's work; less
+# than one more Mimi instance per row (~450 MB each). A second flood may add at most FLOOD_GROWTH.
+FLOOD_RSS_MARGIN = 768 * 2**20
+FLOOD_GROWTH = 96 * 2**20
+
+
+def flood(server, requests: int = 50) -> list:
+    """Requests at once, in every format, a quarter of them hanging up after their first bytes:
+    each one's outcome (bytes received, "hung up" or "refused")."""
+    outcomes = []
+
+    def request(n):
+        body = {"model": "tts-1", "input": f"Request {n}.", "voice": "alloy", "temperature": 0,
+                "response_format": FORMATS[n % len(FORMATS)], "max_audio_length_ms": SHORT}
+        with httpx.stream("POST", server.url + "/v1/audio/speech", json=body, timeout=120) as response:
+            if response.status_code == 429:
+                outcomes.append("refused")
+            elif n % 4 == 3:
+                next(response.iter_bytes())
+                outcomes.append("hung up")
+            else:
+                outcomes.append(len(response.read()) if response.status_code == 200 else response.status_code)
+
+    threads = [threading.Thread(target=request, args=(n,)) for n in range(requests)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    return outcomes
+
+
+def test_a_flood_keeps_mimi_instances_and_memory_within_the_bound(hub_cache, tmp_path):
+    """Two floods of 50 requests on --max-batch 2 --max-queue 8: each time some are served
+    (some of those hang up mid-stream) and the rest refused, and one more connection drops while
+    sending its body. The server never holds more than max-batch Mimi instances, its RSS stays
+    within FLOOD_RSS_MARGIN of a served request's and does not grow with the second flood, and its
+    log has no traceback."""
+    server = ServeProcess(tmp_path, "--max-batch", "2", "--max-queue", "8")
+    try:
+        assert server.health["mimi"] == {"loaded": 2, "lent": 0, "peak": 2, "limit": 2}
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+        speak(client, "opus", **GREEDY)
+        baseline = server.rss()
+        peaks, done = [[baseline]], threading.Event()
+
+        def watch():
+            while not done.is_set():
+                peaks[-1].append(server.rss())
+                time.sleep(0.02)
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        with socket.create_connection(("127.0.0.1", int(server.url.rsplit(":", 1)[1]))) as dropped:
+            dropped.sendall(b"POST /v1/audio/speech HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                            b"Content-Length: 1000\r\n\r\n{\"model\": ")
+        for n in range(2):
+            if n:
+                peaks.append([])
+            outcomes = flood(server)
+            served = [o for o in outcomes if isinstance(o, int)]
+            assert len(outcomes) == 50 and all(size > 1000 for size in served), outcomes
+            assert outcomes.count("refused") >= 1 and len(served) + outcomes.count("hung up") >= 10
+        done.set()
+        watcher.join()
+        health = httpx.get(server.url + "/health").json()
+        assert health["mimi"]["peak"] <= 2 and health["mimi"]["loaded"] <= 2
+        first, second = max(peaks[0]), max(peaks[1])
+        print(f"RSS: {baseline >> 20} MiB after one request, {first >> 20} MiB peak in a flood, "
+              f"{second >> 20} in the next")
+        assert first - baseline < FLOOD_RSS_MARGIN and second - first < FLOOD_GROWTH, (baseline, first, second)
+    finally:
+        code, stderr = server.stop(signal.SIGINT)
+    assert code == 0 and "Traceback" not in stderr and "ERROR" not in stderr, stderr
+
+
+def test_sigterm_lets_streams_run_until_the_timeout_then_cuts_them_and_exits_0(hub_cache, tmp_path):
+    server = ServeProcess(tmp_path, "--shutdown-timeout", "1")
+    try:
+        thread, chunks, ended = stream_in_background(server.url)
+        start = time.time()
+        code, stderr = server.stop(signal.SIGTERM)
+        took = time.time() - start
+    finally:
+        server.process.kill()
+    thread.join(10)
+    assert code == 0 and 1 <= took < 1 + 2, (code, took, stderr)
+    assert isinstance(ended[0], httpx.RemoteProtocolError)  # a cut chunked body, not a clean short file
+    assert len(b"".join(chunks)) < 60 * 24_000 * 2
+    assert "Traceback" not in stderr and stderr.strip().endswith("csm-mlx: stopped"), stderr
+
+
+@pytest.mark.parametrize("second", [signal.SIGTERM, signal.SIGINT])
+def test_a_second_signal_stops_at_once(hub_cache, tmp_path, second):
+    server = ServeProcess(tmp_path, "--shutdown-timeout", "60")
+    try:
+        thread, chunks, ended = stream_in_background(server.url)
+        start = time.time()
+        code, stderr = server.stop(signal.SIGTERM, second)
+        took = time.time() - start
+    finally:
+        server.process.kill()
+    thread.join(10)
+    assert code == 0 and took < 0.2 + 2.5, (code, took, stderr)
+    assert isinstance(ended[0], httpx.RemoteProtocolError)
+    assert "Traceback" not in stderr and stderr.strip().endswith("csm-mlx: stopped"), stderr
+
+
+def test_the_mimi_pool_is_bounded_reuses_instances_and_loads_through_run(csm):
+    """Never more than size instances: past it a taker waits (or stops when its request is
+    cancelled). Instances go back reset and come out again; a load (to grow, or to replace a worn
+    one) goes through run, as the server runs it on the engine's thread between frames."""
+    loads, third = [], []
 
     def run(fn):
         loads.append(fn)
         return fn()
 
-    pool = MimiPool(csm.mimi.path, preload=1, keep=2, run=run)
+    def take_a_third():
+        with pool.take() as mimi:
+            third.append(mimi)
+
+    pool = MimiPool(csm.mimi.path, size=2, preload=1, run=run)
     codes = np.random.default_rng(0).integers(0, 2048, (32, 3))
     with pool.take() as first, pool.take() as second:
         assert first is not second and len(loads) == 1  # the second was loaded to grow the pool
         first.decode_step(codes)
         fresh = second.decode_step(codes)
+        with pytest.raises(PoolStopped):
+            with pool.take(stopped=lambda: True):
+                pass
+        waiter = threading.Thread(target=take_a_third)
+        waiter.start()
+        time.sleep(0.5)
+        assert not third and (pool.loaded, pool.lent) == (2, 2)
+    waiter.join(5)
+    assert third[0] in (first, second) and (pool.loaded, pool.peak_loaded, len(loads)) == (2, 2, 1)
     with pool.take() as again:
         assert again is first and len(loads) == 1  # used, reset, not reloaded
         assert np.abs(again.decode_step(codes) - fresh).max() < 1e-5

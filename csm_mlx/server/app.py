@@ -16,13 +16,15 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from fastapi import FastAPI, Request as HttpRequest
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import ClientDisconnect
 
 from ..api import CSM
 from ..audio import AudioError, decode_audio
@@ -46,6 +48,40 @@ MODEL_ALIASES = ("tts-1", "tts-1-hd", "gpt-4o-mini-tts")
 # the CSM knobs a speech request may set, with the library's defaults
 KNOBS: Dict[str, Any] = {"speaker": 0, "temperature": 0.9, "top_k": 50, "top_p": 0.0, "min_p": 0.0, "seed": None,
                          "max_audio_length_ms": None, "stop_after_repeats": None, "chunk_chars": 250}
+
+PUBLIC_PATHS = ("/health", "/docs", "/docs/oauth2-redirect", "/openapi.json")  # open even with an API key
+
+
+def _json_body(schema: dict, content_type: str = "application/json") -> dict:
+    return {"requestBody": {"required": True, "content": {content_type: {"schema": schema}}}}
+
+
+# The request bodies for /openapi.json: the routes read their bodies themselves, so that every
+# malformed one is an OpenAI error rather than FastAPI's own.
+SPEECH_SCHEMA = _json_body({
+    "type": "object",
+    "required": ["model", "input", "voice"],
+    "properties": {
+        "model": {"type": "string", "description": "any name: csm-1b, tts-1, ..."},
+        "input": {"type": "string", "maxLength": MAX_INPUT_CHARS},
+        "voice": {"description": "a preset, an OpenAI voice name or a user voice's id",
+                  "anyOf": [{"type": "string"}, {"type": "object", "properties": {"id": {"type": "string"}}}]},
+        "response_format": {"type": "string", "enum": list(FORMATS), "default": "mp3"},
+        "stream_format": {"type": "string", "enum": ["audio", "sse"], "default": "audio"},
+        "speed": {"type": "number", "minimum": 0.25, "maximum": 4.0, "default": 1.0},
+        "instructions": {"type": "string", "description": "accepted and ignored: CSM takes its style from context"},
+        "context": {"type": "array", "description": "earlier turns: {speaker, text, audio (base64 file) or voice}",
+                    "items": {"type": "object"}},
+        **{name: {"description": f"CSM's {name} (default: {default})"} for name, default in KNOBS.items()},
+    },
+})
+VOICE_SCHEMA = _json_body({
+    "type": "object",
+    "required": ["name", "transcript", "audio_sample"],
+    "properties": {"name": {"type": "string", "maxLength": 128},
+                   "transcript": {"type": "string", "description": "what the clip says"},
+                   "audio_sample": {"type": "string", "format": "binary", "description": "WAV, FLAC, OGG or MP3"}},
+}, "multipart/form-data")
 
 
 class ApiError(Exception):
@@ -99,6 +135,27 @@ class SpeechRequest:
     context: List[dict] = field(default_factory=list)
 
 
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
+def parse_json(data: bytes) -> Any:
+    """The body as JSON; anything that is not strict JSON (NaN, nesting deeper than Python's
+    recursion allows, bytes in no Unicode encoding) is a 400."""
+    try:
+        return json.loads(data, parse_constant=_reject_constant)
+    except RecursionError:
+        raise ApiError(400, "the body's JSON is nested too deeply", None, "invalid_json") from None
+    except (ValueError, UnicodeDecodeError):
+        raise ApiError(400, "the body must be JSON: {model, input, voice, ...}", None, "invalid_json") from None
+
+
+def _field(body: dict, name: str, default: Any = None) -> Any:
+    """A field of the request; null means the default, as an absent field does."""
+    value = body.get(name)
+    return default if value is None else value
+
+
 def _string(body: dict, name: str, limit: Optional[int] = None, required: bool = True) -> Optional[str]:
     value = body.get(name)
     if value is None and not required:
@@ -112,15 +169,15 @@ def _string(body: dict, name: str, limit: Optional[int] = None, required: bool =
 
 
 def _choice(body: dict, name: str, choices, default: str) -> str:
-    value = body.get(name, default)
-    if value not in choices:
+    value = _field(body, name, default)
+    if not isinstance(value, str) or value not in choices:
         raise ApiError(400, f"{name} must be one of {', '.join(choices)}, got {value!r}", name, "invalid_value")
     return value
 
 
 def parse_speech(body: Any) -> SpeechRequest:
     """Every field of the OpenAI speech request, and CSM's knobs as extra fields; unknown fields
-    are ignored, as clients add their own."""
+    are ignored, as clients add their own; null is the field's default."""
     if not isinstance(body, dict):
         raise ApiError(400, "the body must be a JSON object", None, "invalid_json")
     _string(body, "model")
@@ -135,8 +192,8 @@ def parse_speech(body: Any) -> SpeechRequest:
     fmt = _choice(body, "response_format", FORMATS, "mp3")
     sse = _choice(body, "stream_format", ("audio", "sse"), "audio") == "sse"
     _string(body, "instructions", MAX_INSTRUCTIONS_CHARS, required=False)
-    knobs = {k: body.get(k, default) for k, default in KNOBS.items()}
-    options = check_options(speed=body.get("speed", 1.0), **knobs)
+    knobs = {k: _field(body, k, default) for k, default in KNOBS.items()}
+    options = check_options(speed=_field(body, "speed", 1.0), **knobs)
     speed = options.pop("speed")
     context = body.get("context") or []
     if not isinstance(context, list) or not all(isinstance(turn, dict) for turn in context):
@@ -194,7 +251,7 @@ def _sse(event: dict) -> bytes:
 
 
 def create_app(server: Server) -> FastAPI:
-    app = FastAPI(title="csm-mlx", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="csm-mlx", summary="Sesame CSM through the OpenAI speech API", redoc_url=None)
 
     @app.exception_handler(ApiError)
     async def on_api_error(_, e: ApiError):
@@ -213,8 +270,10 @@ def create_app(server: Server) -> FastAPI:
 
     @app.get("/health")
     async def health():
+        pool = server.pool
         return {"status": "ok", "active": server.engine.active, "waiting": server.engine.waiting,
-                "max_batch": server.engine.max_batch, "watermark": server.csm.watermarker is not None}
+                "max_batch": server.engine.max_batch, "watermark": server.csm.watermarker is not None,
+                "mimi": {"loaded": pool.loaded, "lent": pool.lent, "peak": pool.peak_loaded, "limit": pool.size}}
 
     def models():
         created = int(time.time())
@@ -234,14 +293,23 @@ def create_app(server: Server) -> FastAPI:
         voices = [v.describe() for v in await run_in_threadpool(server.voices.list)]
         return {"object": "list", "voices": voices, "data": voices}
 
-    @app.post("/v1/audio/voices")
+    @app.post("/v1/audio/voices", openapi_extra=VOICE_SCHEMA)
     async def create_voice(http: HttpRequest):
+        content_type = http.headers.get("content-type", "")
+        if not content_type.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
+            raise ApiError(400, "expected a multipart form with name, transcript and audio_sample "
+                           f"(got content-type {content_type or 'none'!r})")
         try:
             form = await http.form(max_files=1, max_fields=8)
-        except (ApiError, HTTPException):
+        except ApiError:
             raise
-        except Exception as e:  # multipart's own errors: a malformed body
-            raise ApiError(400, f"expected a multipart form with name, transcript and audio_sample ({e})") from None
+        except ClientDisconnect:
+            return Response(status_code=499)
+        except Exception as e:  # starlette's and multipart's own errors: a malformed body
+            if isinstance(e, HTTPException) and e.status_code != 400:
+                raise
+            reason = e.detail if isinstance(e, HTTPException) else e
+            raise ApiError(400, f"expected a multipart form with name, transcript and audio_sample ({reason})") from None
         name = form.get("name")
         transcript = form.get("transcript")
         clip = form.get("audio_sample")
@@ -280,14 +348,14 @@ def create_app(server: Server) -> FastAPI:
             raise api_error(e) from None
         return {"object": "audio.voice.deleted", "id": voice_id, "deleted": True}
 
-    @app.post("/v1/audio/speech")
+    @app.post("/v1/audio/speech", openapi_extra=SPEECH_SCHEMA)
     async def speech(http: HttpRequest):
         try:
-            body = json.loads(await http.body())
-        except (ValueError, UnicodeDecodeError):
-            raise ApiError(400, "the body must be JSON: {model, input, voice, ...}", None, "invalid_json") from None
+            data = await http.body()
+        except ClientDisconnect:  # gone while sending its body: no one to answer
+            return Response(status_code=499)
         try:
-            speech_request = parse_speech(body)
+            speech_request = parse_speech(parse_json(data))
             request = await run_in_threadpool(server.submit, speech_request)
         except (ApiError, OptionError, VoiceError, ContextError, EngineError, AudioError, CodecError) as e:
             raise api_error(e) from None
@@ -363,9 +431,10 @@ class Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        if self.api_key and scope["path"] != "/health":
+        if self.api_key and scope["path"] not in PUBLIC_PATHS:
             given = headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
+            scheme, _, key = given.strip().partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(), self.api_key.encode()):
                 problem = "no API key given" if not given else "the API key is wrong"
                 response = ApiError(401, f"{problem}: send Authorization: Bearer <the server's --api-key>", None,
                                     "invalid_api_key")
@@ -392,13 +461,20 @@ class Guard:
 
 
 def build_app(csm: CSM, engine: Engine, voices_dir, *, api_key: Optional[str] = None, model_name: str = "csm-1b",
-              transform: Optional[Callable[[], AudioTransform]] = None):
-    """The ASGI app to serve: the routes behind the guard. Unless transform says otherwise, a
-    model loaded with its watermark marks every response as CSM.stream does (blocks of one
-    message), the marking run on the engine's thread."""
+              transform: Optional[Callable[[], AudioTransform]] = None, cors_origins: Sequence[str] = ()):
+    """The ASGI app to serve: the routes behind the guard, and CORS in front of it when origins
+    are given (a preflight carries no API key; the request after it must). Unless transform says
+    otherwise, a model loaded with its watermark marks every response as CSM.stream does (blocks
+    of one message), the marking run on the engine's thread. Mimi instances: one per row of the
+    batch, all loaded up front, so the server's memory is fixed by --max-batch."""
     if transform is None and csm.watermarker is not None:
         def transform():
             return csm.watermarker.stream(csm.watermark_key, csm.sample_rate, run=engine.call)
-    pool = MimiPool(csm.mimi.path, preload=engine.max_batch, keep=engine.max_batch, run=engine.call)
+    pool = MimiPool(csm.mimi.path, size=engine.max_batch, preload=engine.max_batch, run=engine.call)
     voices = VoiceStore(voices_dir, pool, lambda name: csm.voice(name).audio)
-    return Guard(create_app(Server(csm, engine, voices, pool, model_name, transform)), api_key)
+    app = Guard(create_app(Server(csm, engine, voices, pool, model_name, transform)), api_key)
+    if cors_origins:
+        app = CORSMiddleware(app, allow_origins=list(cors_origins), allow_methods=["GET", "POST", "DELETE"],
+                             allow_headers=["*"], expose_headers=["X-Sample-Rate"],
+                             max_age=600)
+    return app

@@ -2,9 +2,13 @@
 decoded, giving bytes as soon as the container has them (no per-chunk files, no seams).
 
 wav (a header with unknown length, then PCM16), pcm (raw PCM16), mp3 (lameenc, no Xing header),
-opus in Ogg, aac in ADTS and flac through PyAV (FFmpeg), writing to a sink that cannot seek, so
-no muxer goes back to patch a header. speed != 1 is FFmpeg's atempo filter (pitch kept)."""
+opus in Ogg and aac in ADTS through PyAV (FFmpeg), writing to a sink that cannot seek, so no muxer
+goes back to patch a header. FLAC is the exception: libsndfile (soundfile, librosa) reads a
+STREAMINFO of unknown length as an endless file, so a FLAC response is written whole into a
+seekable buffer, its length and MD5 patched in at the end, and sent when it is complete.
+speed != 1 is FFmpeg's atempo filter (pitch kept)."""
 
+import io
 import struct
 from fractions import Fraction
 from typing import Dict, List, Tuple
@@ -24,8 +28,10 @@ MEDIA_TYPES: Dict[str, str] = {
     "pcm": "audio/pcm",
 }
 FORMATS = tuple(MEDIA_TYPES)
+WHOLE_FORMATS = ("flac",)  # sent when complete: their readers need the length in the header
 MP3_KBPS = 64  # speech at 24 kHz mono
-# FFmpeg (container, codec, bit rate): Ogg pages of ~20 ms, or libogg emits them in bursts of a second
+# FFmpeg (container, codec, bit rate, muxer options): Ogg pages of ~20 ms, or libogg emits them in
+# bursts of a second
 AV_FORMATS: Dict[str, Tuple[str, str, int, Dict[str, str]]] = {
     "opus": ("ogg", "libopus", 48_000, {"page_duration": "20000"}),
     "aac": ("adts", "aac", 64_000, {}),
@@ -103,7 +109,8 @@ class _Sink:
 class AvEncoder(Encoder):
     def __init__(self, fmt: str):
         container, codec, bit_rate, options = AV_FORMATS[fmt]
-        self._sink = _Sink()
+        self._whole = fmt in WHOLE_FORMATS
+        self._sink = io.BytesIO() if self._whole else _Sink()
         self._container = av.open(self._sink, mode="w", format=container, options=options)
         self._stream = self._container.add_stream(codec, rate=SAMPLE_RATE, layout="mono")
         if bit_rate:
@@ -136,14 +143,14 @@ class AvEncoder(Encoder):
                 self._fifo.write(frame)
         while self._fifo.samples >= self._frame_size:
             self._mux(self._fifo.read(self._frame_size))
-        return self._sink.take()
+        return b"" if self._whole else self._sink.take()
 
     def finish(self) -> bytes:
         if self._fifo.samples:
             self._mux(self._fifo.read())
         self._mux(None)
-        self._container.close()
-        return self._sink.take()
+        self._container.close()  # a seekable sink gets its header patched here
+        return self._sink.getvalue() if self._whole else self._sink.take()
 
 
 def make_encoder(fmt: str) -> Encoder:

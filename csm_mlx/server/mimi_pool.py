@@ -1,10 +1,11 @@
 """The pool of Mimi instances: Mimi's streaming decoder keeps one state per instance, so every
-response that is decoding holds an instance of its own."""
+response that is decoding holds an instance of its own. The pool's size is the server's memory
+bound for Mimi: past it, a response waits for an instance to come back."""
 
 import os
-import queue
+import threading
 from contextlib import contextmanager
-from typing import Callable, Iterator, TypeVar
+from typing import Callable, Iterator, List, TypeVar
 
 from ..codec import Mimi
 from ..engine import EngineError
@@ -12,32 +13,68 @@ from ..engine import EngineError
 T = TypeVar("T")
 
 
-class MimiPool:
-    """Mimi instances, one lent per response and reset for the next when it is done. rustymimi
-    holds the GIL while it loads, which stops every thread, the engine's too: ~0.2 s alone, but
-    seconds while the engine's threads compute. So the pool loads (to grow, or to replace a worn
-    instance) through run, the engine's call: between two frames, nothing else computing. A
-    reused instance decodes ~1e-6 off a fresh one (its positions run on), as CSM.generate's own
-    instance does: at most one PCM16 step. Up to keep idle instances stay loaded (~450 MB each);
-    the server preloads one per row of its batch, so no request waits for a load."""
+class PoolStopped(Exception):
+    """The response waiting for an instance was cancelled."""
 
-    def __init__(self, path: os.PathLike, preload: int = 2, keep: int = 8,
+
+class MimiPool:
+    """At most size Mimi instances (~450 MB each), lent one per response and reset for the next
+    when it comes back. rustymimi holds the GIL while it loads, which stops every thread, the
+    engine's too: ~0.2 s alone, but seconds while the engine's threads compute. So the pool loads
+    (to grow, or to replace a worn instance) through run, the engine's call: between two frames,
+    nothing else computing. A reused instance decodes ~1e-6 off a fresh one (its positions run
+    on), as CSM.generate's own instance does: at most one PCM16 step."""
+
+    def __init__(self, path: os.PathLike, size: int, preload: int = 0,
                  run: Callable[[Callable[[], T]], T] = lambda fn: fn()):
-        self._path, self._keep, self._run = path, keep, run
-        self._idle: "queue.LifoQueue[Mimi]" = queue.LifoQueue()
-        for _ in range(preload):
-            self._idle.put(Mimi(path))
+        if size < 1:
+            raise ValueError("a Mimi pool needs at least one instance")
+        self._path, self.size, self._run = path, size, run
+        self._idle: List[Mimi] = [Mimi(path) for _ in range(min(preload, size))]
+        self.loaded = len(self._idle)  # instances alive: idle, lent, or being loaded
+        self.peak_loaded = self.loaded
+        self._changed = threading.Condition()
+
+    @property
+    def lent(self) -> int:
+        """Instances in use (or being loaded) by responses, voices and context turns."""
+        with self._changed:
+            return self.loaded - len(self._idle)
 
     @contextmanager
-    def take(self) -> Iterator[Mimi]:
-        try:
-            mimi = self._idle.get_nowait()
-        except queue.Empty:
-            mimi = self._run(lambda: Mimi(self._path))
+    def take(self, stopped: Callable[[], bool] = lambda: False) -> Iterator[Mimi]:
+        """An instance of its own for the caller; waits while all size are lent, and raises
+        PoolStopped if stopped() turns true while it waits."""
+        mimi = self._idle_or_slot(stopped)
+        if mimi is None:
+            try:
+                mimi = self._run(lambda: Mimi(self._path))
+            except BaseException:
+                self._drop()
+                raise
         try:
             yield mimi
         finally:
             self._give_back(mimi)
+
+    def _idle_or_slot(self, stopped: Callable[[], bool]):
+        """An idle instance, or None when the caller may load a new one (its slot is counted)."""
+        with self._changed:
+            while True:
+                if self._idle:
+                    return self._idle.pop()
+                if self.loaded < self.size:
+                    self.loaded += 1
+                    self.peak_loaded = max(self.peak_loaded, self.loaded)
+                    return None
+                if stopped():
+                    raise PoolStopped()
+                self._changed.wait(0.25)
+
+    def _drop(self) -> None:
+        with self._changed:
+            self.loaded -= 1
+            self._changed.notify()
 
     def _give_back(self, mimi: Mimi) -> None:
         try:
@@ -46,6 +83,8 @@ class MimiPool:
             else:
                 mimi.reset()
         except EngineError:  # the server is closing: the instance is dropped
+            self._drop()
             return
-        if self._idle.qsize() < self._keep:
-            self._idle.put(mimi)
+        with self._changed:
+            self._idle.append(mimi)
+            self._changed.notify()

@@ -13,7 +13,7 @@ import numpy as np
 
 from ..engine import Request
 from .encoders import Tempo, make_encoder
-from .mimi_pool import MimiPool
+from .mimi_pool import MimiPool, PoolStopped
 
 log = logging.getLogger("csm_mlx.server")
 
@@ -59,8 +59,10 @@ def run_audio(request: Request, pool: MimiPool, fmt: str, speed: float,
             tempo = Tempo(speed) if speed != 1 else None
             frames = iter(request)
             first = next(frames, None)  # a queued request holds no Mimi instance while it waits
-            with pool.take() as mimi:
+            with pool.take(stopped=lambda: request.cancelled) as mimi:
                 for frame in itertools.chain([first] if first is not None else [], frames):
+                    if request.cancelled:  # its client is gone: its frames are decoded for no one
+                        return
                     audio = mimi.decode_step(frame[:, None])
                     if tempo is not None:
                         audio = tempo.process(audio)
@@ -76,6 +78,8 @@ def run_audio(request: Request, pool: MimiPool, fmt: str, speed: float,
                 if data:
                     emit("data", data)
                 emit("end", None)  # before the instance goes back (a worn one reloads between frames)
+        except PoolStopped:  # cancelled while it waited for an instance
+            return
         except Exception as e:  # noqa: BLE001 - every failure must reach the client, not just the log
             request.cancel()
             log.warning("request %d failed while streaming: %s", request.id, e)
