@@ -36,6 +36,7 @@ from csm_mlx import CSM, Segment
 from csm_mlx.codec import Mimi
 from csm_mlx.models import Model
 from csm_mlx.server import build_app
+from csm_mlx.server.memory import limit_malloc_arenas
 from csm_mlx.tokenizer import TextTokenizer
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -99,6 +100,7 @@ def run_clients(client, voice, n: int, seconds: float):
     first = [r["chunks"][0][0] - r["sent"] for r in results]
     rtf = [(r["chunks"][-1][0] - r["sent"]) / a for r, a in zip(results, audio)]
     return {"clients": n, "audio_s": sum(audio), "wall_s": wall, "audio_s_per_s": sum(audio) / wall,
+            "max_rss_gb": max_rss_gb(),
             "rtf_mean": statistics.mean(rtf), "rtf_max": max(rtf),
             "ttfa_p50": statistics.median(first), "ttfa_p95": float(np.percentile(first, 95))}
 
@@ -151,6 +153,12 @@ def play_first_audio(csm: CSM, clip: np.ndarray, seconds: float) -> float:
     return first
 
 
+def max_rss_gb() -> float:
+    """The process's peak resident memory so far (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1e9 if sys.platform == "darwin" else 1e6)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=list(SIZES), default="tiny")
@@ -159,6 +167,7 @@ def main():
     parser.add_argument("--prefill-chunk", type=int, default=64)
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
+    limit_malloc_arenas()  # as csm-mlx serve does, before any thread starts
 
     workdir = Path(tempfile.mkdtemp(prefix="serve-bench-"))
     csm = build_csm(args.size, workdir)
@@ -180,12 +189,15 @@ def main():
     play = play_first_audio(csm, clip, args.seconds)
     alone = engine_alone(csm, Segment(0, VOICE_TEXT, clip, pinned=True), args.clients, args.seconds)
     base = next((r["audio_s_per_s"] for r in rows if r["clients"] == 1), None)
-    print("| clients | audio s | wall s | audio s/s | x 1 client | RTF mean / max | first audio p50 / p95 (s) |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"--max-batch {max(args.clients)}: {max(args.clients)} Mimi instances; peak RSS is the process's so far")
+    print("| clients | audio s | wall s | audio s/s | x 1 client | RTF mean / max | first audio p50 / p95 (s) "
+          "| peak RSS (GB) |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         ratio = f"{r['audio_s_per_s'] / base:.2f}" if base else "-"
         print(f"| {r['clients']} | {r['audio_s']:.1f} | {r['wall_s']:.1f} | {r['audio_s_per_s']:.3f} | {ratio} | "
-              f"{r['rtf_mean']:.2f} / {r['rtf_max']:.2f} | {r['ttfa_p50']:.2f} / {r['ttfa_p95']:.2f} |")
+              f"{r['rtf_mean']:.2f} / {r['rtf_max']:.2f} | {r['ttfa_p50']:.2f} / {r['ttfa_p95']:.2f} "
+              f"| {r['max_rss_gb']:.2f} |")
     one = alone[0]["audio_s_per_s"] if alone[0]["clients"] == 1 else None
     print("\nthe engine alone (no HTTP, no Mimi): " + ", ".join(
         f"{r['clients']} requests {r['audio_s_per_s']:.3f} audio s/s" + (f" ({r['audio_s_per_s'] / one:.2f}x)" if one else "")
@@ -193,7 +205,7 @@ def main():
     print(f"admitting a second request: longest gap of the running stream {gap['gap_max_admitting']:.2f} s "
           f"(median gap {gap['gap_median']:.2f} s); the new one's first audio after {gap['admitted_after']:.2f} s")
     print(f"CSM.stream first audio (csm-mlx --play) on the same prompt: {play:.2f} s")
-    peak = {"mlx_peak_gb": mx.get_peak_memory() / 1e9, "max_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6}
+    peak = {"mlx_peak_gb": mx.get_peak_memory() / 1e9, "max_rss_gb": max_rss_gb()}
     print(f"peak memory: MLX {peak['mlx_peak_gb']:.2f} GB, process max RSS {peak['max_rss_gb']:.2f} GB")
     if args.json:
         Path(args.json).write_text(json.dumps({"size": args.size, "seconds": args.seconds, "rows": rows,
