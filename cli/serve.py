@@ -13,7 +13,7 @@ from csm_mlx.options import check_options
 from .args import CliError, Parser, add_model_arguments, load
 
 EXAMPLES = """examples:
-  csm-mlx serve                                      # http://127.0.0.1:8000/v1, presets as voices
+  csm-mlx serve                                      # http://127.0.0.1:8000/v1, the page at :8000/
   csm-mlx serve --host 0.0.0.0 --api-key "$KEY"       # reachable from the network: set a key
   csm-mlx serve --model csm-1b-8bit --max-batch 4 --voices-dir ~/voices
 
@@ -79,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--shutdown-timeout", type=seconds, default=10.0, metavar="S",
                    help="on SIGTERM or Ctrl-C, how long running responses may finish before they are cut "
                         "(default: 10); a second signal stops at once")
+    g.add_argument("--no-ui", action="store_true",
+                   help="do not serve the web page at / (the API is the same either way)")
     add_model_arguments(p)
     g = p.add_mutually_exclusive_group()
     g.add_argument("-q", "--quiet", action="store_true", help="print errors only")
@@ -134,12 +136,13 @@ def run(args) -> None:
     engine = csm.engine(options["batch_size"], max_queue=args.max_queue, prefill_chunk=args.prefill_chunk)
     try:
         app = build_app(csm, engine, args.voices_dir, api_key=args.api_key, model_name=args.model_name,
-                        cors_origins=args.cors_origins)
+                        cors_origins=args.cors_origins, ui=not args.no_ui)
         level = "warning" if args.quiet else "info" if args.verbose else "warning"
         logging.basicConfig(format="csm-mlx: %(message)s")
         logging.getLogger("csm_mlx").setLevel(logging.WARNING if args.quiet else logging.INFO)
         if not args.quiet:
-            print(f"csm-mlx: serving {args.model} at http://{args.host}:{args.port}/v1 "
+            page = "" if args.no_ui else f", the page at http://{args.host}:{args.port}/"
+            print(f"csm-mlx: serving {args.model} at http://{args.host}:{args.port}/v1{page} "
                   f"(max batch {args.max_batch}, voices in {args.voices_dir})", file=sys.stderr)
         serve(app, sock, args.shutdown_timeout, level, args.verbose)
     finally:

@@ -5,7 +5,10 @@ bodies, the API key and body limits.
     GET  /v1/audio/voices          presets, OpenAI names, user voices ("voices" and "data")
     POST /v1/audio/voices          a user voice from a clip and its transcript (multipart)
     DELETE /v1/audio/voices/{id}
+    GET  /v1/audio/voices/{id}/audio   what the voice prompt sounds like (WAV from its Mimi codes)
+    POST /v1/audio/verify          does an uploaded file carry this server's watermark (multipart "file")
     GET  /v1/models, /v1/audio/models, /health
+    GET  /                         the web page (ui.py), unless build_app(ui=False)
 """
 
 import asyncio
@@ -14,6 +17,8 @@ import binascii
 import hmac
 import json
 import logging
+import os
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence
@@ -27,15 +32,17 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect
 
 from ..api import CSM
-from ..audio import AudioError, decode_audio
+from ..audio import AudioError, audio_info, decode_audio, read_audio
 from ..codec import SAMPLE_RATE, CodecError
 from ..context import ContextError
 from ..engine import Engine, EngineError, EngineFull
 from ..prompt import TokenizedSegment
 from ..options import OptionError, RULES, check_options, check_text
-from .encoders import FORMATS, MEDIA_TYPES
+from ..watermark import SAMPLE_RATE as WATERMARK_RATE, WatermarkError, check_verify_rate
+from .encoders import FORMATS, MEDIA_TYPES, WavEncoder
 from .stream import AudioTransform, run_audio
 from .mimi_pool import MimiPool
+from .ui import UI_PREFIX, add_ui
 from .voices import VoiceError, VoiceStore
 
 log = logging.getLogger("csm_mlx.server")
@@ -44,12 +51,16 @@ MAX_INPUT_CHARS = 4096  # the OpenAI API's limits
 MAX_INSTRUCTIONS_CHARS = 4096
 MAX_CLIP_BYTES = 10 * 2**20
 MAX_BODY_BYTES = 16 * 2**20  # a speech request with a few context turns of audio
+# A verify runs on the engine's thread and the running streams wait for it: 5 minutes of audio
+# is a few seconds of that on a Mac; `csm-mlx verify` takes files of any length.
+MAX_VERIFY_SECONDS = 300
 MODEL_ALIASES = ("tts-1", "tts-1-hd", "gpt-4o-mini-tts")
 # the CSM knobs a speech request may set, with the library's defaults
 KNOBS: Dict[str, Any] = {"speaker": 0, "temperature": 0.9, "top_k": 50, "top_p": 0.0, "min_p": 0.0, "seed": None,
                          "max_audio_length_ms": None, "stop_after_repeats": None, "chunk_chars": 250}
 
-PUBLIC_PATHS = ("/health", "/docs", "/docs/oauth2-redirect", "/openapi.json")  # open even with an API key
+# open even with an API key: they hold no secrets, and the page asks for the key itself
+PUBLIC_PATHS = ("/health", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/")
 
 
 def _json_body(schema: dict, content_type: str = "application/json") -> dict:
@@ -120,6 +131,24 @@ def api_error(e: Exception) -> ApiError:
     if isinstance(e, (AudioError, CodecError)):
         return ApiError(400, str(e), "context", "invalid_audio")
     return ApiError(500, f"generation failed: {e}", None, "server_error")
+
+
+async def read_form(http: HttpRequest, expected: str):
+    """The multipart form of a request; anything else, or a malformed one, is a 400 naming expected."""
+    content_type = http.headers.get("content-type", "")
+    if not content_type.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
+        raise ApiError(400, f"expected a multipart form with {expected} (got content-type {content_type or 'none'!r})")
+    try:
+        return await http.form(max_files=1, max_fields=8)
+    except ApiError:
+        raise
+    except ClientDisconnect:
+        return None
+    except Exception as e:  # starlette's and multipart's own errors: a malformed body
+        if isinstance(e, HTTPException) and e.status_code != 400:
+            raise
+        reason = e.detail if isinstance(e, HTTPException) else e
+        raise ApiError(400, f"expected a multipart form with {expected} ({reason})") from None
 
 
 @dataclass
@@ -295,21 +324,9 @@ def create_app(server: Server) -> FastAPI:
 
     @app.post("/v1/audio/voices", openapi_extra=VOICE_SCHEMA)
     async def create_voice(http: HttpRequest):
-        content_type = http.headers.get("content-type", "")
-        if not content_type.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
-            raise ApiError(400, "expected a multipart form with name, transcript and audio_sample "
-                           f"(got content-type {content_type or 'none'!r})")
-        try:
-            form = await http.form(max_files=1, max_fields=8)
-        except ApiError:
-            raise
-        except ClientDisconnect:
+        form = await read_form(http, "name, transcript and audio_sample")
+        if form is None:
             return Response(status_code=499)
-        except Exception as e:  # starlette's and multipart's own errors: a malformed body
-            if isinstance(e, HTTPException) and e.status_code != 400:
-                raise
-            reason = e.detail if isinstance(e, HTTPException) else e
-            raise ApiError(400, f"expected a multipart form with name, transcript and audio_sample ({reason})") from None
         name = form.get("name")
         transcript = form.get("transcript")
         clip = form.get("audio_sample")
@@ -347,6 +364,66 @@ def create_app(server: Server) -> FastAPI:
         except VoiceError as e:
             raise api_error(e) from None
         return {"object": "audio.voice.deleted", "id": voice_id, "deleted": True}
+
+    @app.get("/v1/audio/voices/{voice_id}/audio")
+    async def voice_audio(voice_id: str):
+        """The voice prompt as the model hears it: its Mimi codes decoded, as WAV."""
+        def decode():
+            codes = server.voices.codes(server.voices.resolve(voice_id))
+            with server.pool.take() as mimi:
+                audio = mimi.decode(codes)
+            encoder = WavEncoder()
+            return encoder.encode(audio) + encoder.finish()
+
+        try:
+            wav = await run_in_threadpool(decode)
+        except VoiceError as e:
+            raise api_error(e) from None
+        return Response(wav, media_type="audio/wav", headers={"X-Sample-Rate": str(SAMPLE_RATE)})
+
+    @app.post("/v1/audio/verify")
+    async def verify(http: HttpRequest):
+        """Whether an uploaded file carries this server's watermark key, as `csm-mlx verify` reads it."""
+        watermarker = server.csm.watermarker
+        if watermarker is None:
+            raise ApiError(503, "this server runs with --no-watermark, so it has no watermark decoder loaded: "
+                           "use `csm-mlx verify FILE`, or restart the server without --no-watermark", None,
+                           "watermark_disabled")
+        form = await read_form(http, "file (the audio to check)")
+        if form is None:
+            return Response(status_code=499)
+        upload = form.get("file")
+        if not isinstance(upload, UploadFile):
+            raise ApiError(400, "file must be an uploaded audio file (WAV, FLAC, OGG, MP3)", "file")
+        data = await upload.read()
+        if not data:
+            raise ApiError(400, "file is empty: send the bytes of a WAV, FLAC, OGG or MP3 file", "file")
+
+        def read():
+            # libsndfile reads from a path: the upload goes to a file of its own, removed at once
+            fd, tmp = tempfile.mkstemp(prefix="csm-mlx-verify-")
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                try:
+                    check_verify_rate(audio_info(tmp).samplerate)
+                    return read_audio(tmp, MAX_VERIFY_SECONDS, WATERMARK_RATE)
+                except AudioError as e:
+                    message = str(e).replace(f"audio file {tmp}", "file").replace(tmp, "file")
+                    message = message.replace("the model's window holds", "verify takes")
+                    raise ApiError(400, message, "file", "invalid_audio") from None
+            finally:
+                os.unlink(tmp)
+
+        key = server.csm.watermark_key
+        try:
+            audio = await run_in_threadpool(read)
+            found, confidence = await run_in_threadpool(
+                server.engine.call, lambda: watermarker.verify_blocks([audio], key=key))
+        except WatermarkError as e:
+            raise ApiError(400, str(e), "file", "invalid_audio") from None
+        return {"watermarked": found == tuple(key), "key": list(found) if found is not None else None,
+                "confidence": round(float(confidence), 4), "expected_key": list(key)}
 
     @app.post("/v1/audio/speech", openapi_extra=SPEECH_SCHEMA)
     async def speech(http: HttpRequest):
@@ -431,7 +508,8 @@ class Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        if self.api_key and scope["path"] not in PUBLIC_PATHS:
+        public = scope["path"] in PUBLIC_PATHS or scope["path"].startswith(UI_PREFIX)
+        if self.api_key and not public:
             given = headers.get("authorization", "")
             scheme, _, key = given.strip().partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(), self.api_key.encode()):
@@ -461,18 +539,22 @@ class Guard:
 
 
 def build_app(csm: CSM, engine: Engine, voices_dir, *, api_key: Optional[str] = None, model_name: str = "csm-1b",
-              transform: Optional[Callable[[], AudioTransform]] = None, cors_origins: Sequence[str] = ()):
+              transform: Optional[Callable[[], AudioTransform]] = None, cors_origins: Sequence[str] = (),
+              ui: bool = True):
     """The ASGI app to serve: the routes behind the guard, and CORS in front of it when origins
     are given (a preflight carries no API key; the request after it must). Unless transform says
     otherwise, a model loaded with its watermark marks every response as CSM.stream does (blocks
     of one message), the marking run on the engine's thread. Mimi instances: one per row of the
-    batch, all loaded up front, so the server's memory is fixed by --max-batch."""
+    batch, all loaded up front, so the server's memory is fixed by --max-batch. ui: the web page at /."""
     if transform is None and csm.watermarker is not None:
         def transform():
             return csm.watermarker.stream(csm.watermark_key, csm.sample_rate, run=engine.call)
     pool = MimiPool(csm.mimi.path, size=engine.max_batch, preload=engine.max_batch, run=engine.call)
     voices = VoiceStore(voices_dir, pool, lambda name: csm.voice(name).audio)
-    app = Guard(create_app(Server(csm, engine, voices, pool, model_name, transform)), api_key)
+    api = create_app(Server(csm, engine, voices, pool, model_name, transform))
+    if ui:
+        add_ui(api)
+    app = Guard(api, api_key)
     if cors_origins:
         app = CORSMiddleware(app, allow_origins=list(cors_origins), allow_methods=["GET", "POST", "DELETE"],
                              allow_headers=["*"], expose_headers=["X-Sample-Rate"],
