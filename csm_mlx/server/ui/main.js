@@ -282,6 +282,7 @@ function setupVerify() {
     form.append("file", file);
     try {
       const answer = await getJson("/v1/audio/verify", { method: "POST", body: form });
+      window.csmVerify = answer; // read by the page's tests
       const found = answer.key ? ` (decoded key ${answer.key.join(",")})` : "";
       result.textContent = answer.watermarked
         ? `${file.name} carries this server's watermark (key ${answer.key.join(",")}, confidence ${answer.confidence.toFixed(2)}).`
