@@ -20,6 +20,7 @@ import logging
 import os
 import tempfile
 import time
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
@@ -280,7 +281,15 @@ def _sse(event: dict) -> bytes:
 
 
 def create_app(server: Server) -> FastAPI:
-    app = FastAPI(title="csm-mlx", summary="Sesame CSM through the OpenAI speech API", redoc_url=None)
+    @asynccontextmanager
+    async def lifespan(_):
+        yield
+        # FastAPI keeps the routes' functions in a process-wide cache, and with them this server:
+        # what it holds must be freed when it stops, not when it is collected.
+        server.pool.close()
+
+    app = FastAPI(title="csm-mlx", summary="Sesame CSM through the OpenAI speech API", redoc_url=None,
+                  lifespan=lifespan)
 
     @app.exception_handler(ApiError)
     async def on_api_error(_, e: ApiError):

@@ -34,6 +34,7 @@ class MimiPool:
         self.loaded = len(self._idle)  # instances alive: idle, lent, or being loaded
         self.peak_loaded = self.loaded
         self._changed = threading.Condition()
+        self._closed = False
 
     @property
     def lent(self) -> int:
@@ -71,6 +72,14 @@ class MimiPool:
                     raise PoolStopped()
                 self._changed.wait(0.25)
 
+    def close(self) -> None:
+        """Free the idle instances now and each lent one when it comes back (the server stopped)."""
+        with self._changed:
+            self._closed = True
+            self.loaded -= len(self._idle)
+            self._idle.clear()
+            self._changed.notify_all()
+
     def _drop(self) -> None:
         with self._changed:
             self.loaded -= 1
@@ -86,5 +95,8 @@ class MimiPool:
             self._drop()
             return
         with self._changed:
-            self._idle.append(mimi)
+            if self._closed:
+                self.loaded -= 1
+            else:
+                self._idle.append(mimi)
             self._changed.notify()
