@@ -733,3 +733,48 @@ def test_the_mimi_pool_is_bounded_reuses_instances_and_loads_through_run(csm):
         assert np.abs(again.decode_step(codes) - fresh).max() < 1e-5
         again.reload_after = 1  # worn: its reset loads a fresh instance, through run
     assert len(loads) == 2
+
+
+def test_renaming_a_voice_keeps_its_clip_and_refuses_bad_names(csm, tmp_path):
+    wav = io.BytesIO()
+    sf.write(wav, 0.3 * np.sin(np.arange(24_000) * 2 * np.pi * 220 / 24_000), 24_000, format="WAV", subtype="PCM_16")
+    server = LiveServer(csm, tmp_path)
+    try:
+        voice = httpx.post(server.url + "/v1/audio/voices", data={"name": "before", "transcript": "A tone."},
+                           files={"audio_sample": ("clip.wav", wav.getvalue(), "audio/wav")}).json()
+        path = tmp_path / f"{voice['id']}.json"
+        codes = json.loads(path.read_text())["codes"]
+        url = server.url + f"/v1/audio/voices/{voice['id']}"
+        renamed = httpx.patch(url, json={"name": "  after  "})
+        assert renamed.status_code == 200, renamed.text
+        assert renamed.json() == {**renamed.json(), "id": voice["id"], "name": "after", "transcript": "A tone.",
+                                  "created_at": voice["created_at"]}
+        listed = {v["id"]: v["name"] for v in httpx.get(server.url + "/v1/audio/voices").json()["voices"]}
+        assert listed[voice["id"]] == "after"
+        stored = json.loads(path.read_text())
+        assert stored["name"] == "after" and stored["codes"] == codes
+        assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]  # no temporary file left behind
+        cases = [
+            (httpx.patch(url, json={"name": ""}), 400, "name", "non-empty"),
+            (httpx.patch(url, json={"name": "   "}), 400, "name", "non-empty"),
+            (httpx.patch(url, json={}), 400, "name", "non-empty"),
+            (httpx.patch(url, json={"name": 5}), 400, "name", "non-empty"),
+            (httpx.patch(url, json={"name": "x" * 129}), 400, "name", "at most 128"),
+            (httpx.patch(url, content=b"name=x"), 400, None, 'must be JSON: {"name": ...}'),
+            (httpx.patch(url, json=["x"]), 400, None, "JSON object"),
+            (httpx.patch(server.url + "/v1/audio/voices/alloy", json={"name": "x"}), 400, "voice",
+             "presets cannot be renamed"),
+            (httpx.patch(server.url + "/v1/audio/voices/conversational_a", json={"name": "x"}), 400, "voice",
+             "presets cannot be renamed"),
+            (httpx.patch(server.url + "/v1/audio/voices/voice_" + "0" * 32, json={"name": "x"}), 404, "voice",
+             "does not exist"),
+            (httpx.patch(server.url + "/v1/audio/voices/nobody", json={"name": "x"}), 404, "voice", "not a user voice"),
+        ]
+        for n, (response, status, param, fragment) in enumerate(cases):
+            error = response.json()["error"]
+            assert (response.status_code, error["param"]) == (status, param), (n, response.text)
+            assert fragment in error["message"], (n, error)
+        assert json.loads(path.read_text())["name"] == "after"
+        assert "patch" in httpx.get(server.url + "/openapi.json").json()["paths"]["/v1/audio/voices/{voice_id}"]
+    finally:
+        server.stop()

@@ -67,7 +67,9 @@ def browser(downloads):
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,800",
-                 "--autoplay-policy=no-user-gesture-required", "--disable-gpu"):
+                 "--autoplay-policy=no-user-gesture-required", "--disable-gpu",
+                 # the microphone allowed without asking, and a fake one that beeps
+                 "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream"):
         options.add_argument(flag)
     options.add_experimental_option("prefs", {"download.default_directory": str(downloads),
                                               "download.prompt_for_download": False})
@@ -202,7 +204,6 @@ def test_a_voice_uploaded_in_the_page_speaks_and_is_deleted(csm, live, voices_di
     assert_pcm_close(heard, np.clip(np.round(Mimi(csm.mimi.path).decode(codes) * 32767), -32768, 32767).astype(np.int16))
     browser.find_element(By.CSS_SELECTOR, f"#voice-list button[aria-label='Listen to my voice']").click()
     wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#voice-list audio[src^='blob:']"), message="listen")
-    screenshot(browser, "voices")
 
     browser.get(live.url + "/#speak")
     select = wait(browser, lambda d: d.find_element(By.CSS_SELECTOR, "#speak-form [name=voice]"))
@@ -223,6 +224,71 @@ def test_a_voice_uploaded_in_the_page_speaks_and_is_deleted(csm, live, voices_di
     browser.switch_to.alert.accept()
     wait(browser, lambda d: "None yet." in d.find_element(By.ID, "voice-list").text, message="delete")
     assert voice["id"] not in [v["id"] for v in httpx.get(live.url + "/v1/audio/voices").json()["voices"]]
+
+
+def recorded(driver) -> float:
+    return float(driver.find_element(By.ID, "record-time").text.split()[0])
+
+
+def test_a_voice_recorded_in_the_page_is_kept_and_renamed(live, browser):
+    open_view(browser, live.url, "voices")
+    for name, shown in [("NotAllowedError", "may not use the microphone"), ("NotFoundError", "no microphone was found")]:
+        browser.execute_script(f"""navigator.mediaDevices.getUserMedia =
+            () => Promise.reject(new DOMException("refused", "{name}"));""")
+        browser.find_element(By.ID, "record-start").click()
+        wait(browser, lambda d: shown in shown_error(d, "voice"), message=name)
+    browser.refresh()  # the real (fake) microphone again
+    wait(browser, lambda d: "None yet." in d.find_element(By.ID, "voice-list").text, message="the page again")
+
+    browser.find_element(By.ID, "record-start").click()
+    wait(browser, lambda d: d.find_element(By.ID, "record-stop").is_enabled(), message="recording starts")
+    browser.find_element(By.ID, "record-stop").click()
+    wait(browser, lambda d: "record at least 1 s" in shown_error(d, "voice"), message="a short take refused")
+    assert not browser.find_element(By.ID, "record-take").is_displayed()
+
+    browser.find_element(By.ID, "record-start").click()
+    started = time.monotonic()
+    wait(browser, lambda d: recorded(d) >= 2.0, message="two seconds recorded")
+    browser.find_element(By.ID, "record-stop").click()
+    elapsed = time.monotonic() - started
+    wait(browser, lambda d: d.find_element(By.ID, "record-take").is_displayed(), message="the take to listen to")
+    assert not shown_error(browser, "voice")
+    assert browser.find_element(By.ID, "record-take").get_attribute("src").startswith("blob:")
+    seconds = browser.execute_script("return window.csmTake.seconds")
+    assert 2.0 <= seconds <= elapsed + 0.5 and recorded(browser) == round(seconds, 1)
+    browser.execute_async_script("""const done = arguments[0];
+        window.csmTake.blob.arrayBuffer().then((b) => { window.csmTakeBytes = new Uint8Array(b); done(); });""")
+    take, rate = sf.read(io.BytesIO(page_bytes(browser, "window.csmTakeBytes")), dtype="int16")
+    assert len(take) == round(seconds * rate) and np.abs(take).max() > 1000  # the fake microphone's beeps
+
+    fill(browser, "#voice-form [name=name]", "my take")
+    fill(browser, "#voice-transcript", "What the take says.")
+    browser.find_element(By.CSS_SELECTOR, "#voice-form button[type=submit]").click()
+    wait(browser, lambda d: d.find_element(By.ID, "voice-status").text.startswith("Added"), message="upload")
+    voice = next(v for v in httpx.get(live.url + "/v1/audio/voices").json()["voices"] if v["name"] == "my take")
+    assert voice["transcript"] == "What the take says."
+    heard, rate = sf.read(io.BytesIO(httpx.get(live.url + f"/v1/audio/voices/{voice['id']}/audio").content),
+                          dtype="int16")
+    assert rate == 24_000 and abs(len(heard) / rate - seconds) <= 0.5 and np.abs(heard).max() > 100
+    assert not browser.find_element(By.ID, "record-take").is_displayed()  # the form is reset for the next voice
+
+    wait(browser, lambda d: "my take" in d.find_element(By.ID, "voice-list").text)
+    browser.find_element(By.CSS_SELECTOR, "#voice-list button[aria-label='Rename my take']").click()
+    browser.switch_to.alert.send_keys("renamed take")
+    browser.switch_to.alert.accept()
+    wait(browser, lambda d: "renamed take" in d.find_element(By.ID, "voice-list").text, message="rename")
+    names = {v["id"]: v["name"] for v in httpx.get(live.url + "/v1/audio/voices").json()["voices"]}
+    assert names[voice["id"]] == "renamed take"
+    browser.find_element(By.CSS_SELECTOR, "#voice-list button[aria-label='Rename renamed take']").click()
+    browser.switch_to.alert.send_keys(" ")
+    browser.switch_to.alert.accept()
+    wait(browser, lambda d: "name must be a non-empty" in shown_error(d, "voice"), message="a blank name refused")
+    browser.find_element(By.CSS_SELECTOR, "#voice-list button[aria-label='Listen to renamed take']").click()
+    wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#voice-list audio[src^='blob:']"), message="listen")
+    screenshot(browser, "voices")
+    browser.find_element(By.CSS_SELECTOR, "#voice-list button[aria-label='Delete renamed take']").click()
+    browser.switch_to.alert.accept()
+    wait(browser, lambda d: "None yet." in d.find_element(By.ID, "voice-list").text, message="delete")
 
 
 def test_a_two_turn_dialogue_is_one_conversation_and_its_script_is_the_cli_s(live, browser, downloads, tmp_path):

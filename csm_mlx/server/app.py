@@ -4,6 +4,7 @@ bodies, the API key and body limits.
     POST /v1/audio/speech          speech, streamed as it is generated (audio bytes or SSE)
     GET  /v1/audio/voices          presets, OpenAI names, user voices ("voices" and "data")
     POST /v1/audio/voices          a user voice from a clip and its transcript (multipart)
+    PATCH  /v1/audio/voices/{id}   rename one of the user's voices (JSON {"name": ...})
     DELETE /v1/audio/voices/{id}
     GET  /v1/audio/voices/{id}/audio   what the voice prompt sounds like (WAV from its Mimi codes)
     POST /v1/audio/verify          does an uploaded file carry this server's watermark (multipart "file")
@@ -51,6 +52,7 @@ log = logging.getLogger("csm_mlx.server")
 MAX_INPUT_CHARS = 4096  # the OpenAI API's limits
 MAX_INSTRUCTIONS_CHARS = 4096
 MAX_CLIP_BYTES = 10 * 2**20
+MAX_VOICE_NAME_CHARS = 128
 MAX_BODY_BYTES = 16 * 2**20  # a speech request with a few context turns of audio
 # A verify runs on the engine's thread and the running streams wait for it: 5 minutes of audio
 # is a few seconds of that on a Mac; `csm-mlx verify` takes files of any length.
@@ -90,10 +92,12 @@ SPEECH_SCHEMA = _json_body({
 VOICE_SCHEMA = _json_body({
     "type": "object",
     "required": ["name", "transcript", "audio_sample"],
-    "properties": {"name": {"type": "string", "maxLength": 128},
+    "properties": {"name": {"type": "string", "maxLength": MAX_VOICE_NAME_CHARS},
                    "transcript": {"type": "string", "description": "what the clip says"},
                    "audio_sample": {"type": "string", "format": "binary", "description": "WAV, FLAC, OGG or MP3"}},
 }, "multipart/form-data")
+RENAME_SCHEMA = _json_body({"type": "object", "required": ["name"],
+                            "properties": {"name": {"type": "string", "maxLength": MAX_VOICE_NAME_CHARS}}})
 
 
 class ApiError(Exception):
@@ -169,7 +173,7 @@ def _reject_constant(name: str):
     raise ValueError(f"{name} is not JSON")
 
 
-def parse_json(data: bytes) -> Any:
+def parse_json(data: bytes, expected: str = "{model, input, voice, ...}") -> Any:
     """The body as JSON; anything that is not strict JSON (NaN, nesting deeper than Python's
     recursion allows, bytes in no Unicode encoding) is a 400."""
     try:
@@ -177,7 +181,7 @@ def parse_json(data: bytes) -> Any:
     except RecursionError:
         raise ApiError(400, "the body's JSON is nested too deeply", None, "invalid_json") from None
     except (ValueError, UnicodeDecodeError):
-        raise ApiError(400, "the body must be JSON: {model, input, voice, ...}", None, "invalid_json") from None
+        raise ApiError(400, f"the body must be JSON: {expected}", None, "invalid_json") from None
 
 
 def _field(body: dict, name: str, default: Any = None) -> Any:
@@ -203,6 +207,13 @@ def _choice(body: dict, name: str, choices, default: str) -> str:
     if not isinstance(value, str) or value not in choices:
         raise ApiError(400, f"{name} must be one of {', '.join(choices)}, got {value!r}", name, "invalid_value")
     return value
+
+
+def voice_name(name: Any) -> str:
+    """A voice's name as given at creation or rename, stripped."""
+    if not isinstance(name, str) or not name.strip() or len(name) > MAX_VOICE_NAME_CHARS:
+        raise ApiError(400, f"name must be a non-empty text field of at most {MAX_VOICE_NAME_CHARS} characters", "name")
+    return name.strip()
 
 
 def parse_speech(body: Any) -> SpeechRequest:
@@ -339,8 +350,7 @@ def create_app(server: Server) -> FastAPI:
         name = form.get("name")
         transcript = form.get("transcript")
         clip = form.get("audio_sample")
-        if not isinstance(name, str) or not name.strip() or len(name) > 128:
-            raise ApiError(400, "name must be a non-empty text field of at most 128 characters", "name")
+        name = voice_name(name)
         if not isinstance(transcript, str) or not transcript.strip():
             raise ApiError(400, "transcript must be the text the clip says: CSM clones a voice from both", "transcript")
         if len(transcript) > MAX_INPUT_CHARS:
@@ -358,13 +368,24 @@ def create_app(server: Server) -> FastAPI:
                 audio = decode_audio(data, "audio_sample", max_seconds=None)
             except AudioError as e:
                 raise ApiError(400, str(e), "audio_sample", "invalid_audio") from None
-            return server.voices.create(name.strip(), transcript.strip(), audio)
+            return server.voices.create(name, transcript.strip(), audio)
 
         try:
             voice = await run_in_threadpool(create)
         except VoiceError as e:
             raise api_error(e) from None
         return {"object": "audio.voice", "id": voice.id, "name": voice.name, "created_at": voice.created_at}
+
+    @app.patch("/v1/audio/voices/{voice_id}", openapi_extra=RENAME_SCHEMA)
+    async def rename_voice(voice_id: str, http: HttpRequest):
+        body = parse_json(await http.body(), '{"name": ...}')
+        if not isinstance(body, dict):
+            raise ApiError(400, 'the body must be a JSON object: {"name": ...}', None, "invalid_json")
+        try:
+            voice = await run_in_threadpool(server.voices.rename, voice_id, voice_name(body.get("name")))
+        except VoiceError as e:
+            raise api_error(e) from None
+        return voice.describe()
 
     @app.delete("/v1/audio/voices/{voice_id}")
     async def delete_voice(voice_id: str):
@@ -565,7 +586,7 @@ def build_app(csm: CSM, engine: Engine, voices_dir, *, api_key: Optional[str] = 
         add_ui(api)
     app = Guard(api, api_key)
     if cors_origins:
-        app = CORSMiddleware(app, allow_origins=list(cors_origins), allow_methods=["GET", "POST", "DELETE"],
+        app = CORSMiddleware(app, allow_origins=list(cors_origins), allow_methods=["GET", "POST", "PATCH", "DELETE"],
                              allow_headers=["*"], expose_headers=["X-Sample-Rate"],
                              max_age=600)
     return app

@@ -68,6 +68,8 @@ class VoiceStore:
         self._pool, self._preset_audio = pool, preset_audio
         self._preset_codes: Dict[str, np.ndarray] = {}
         self._lock = threading.Lock()
+        # a rename reads and rewrites a record: a delete between the two would bring the voice back
+        self._records = threading.Lock()
 
     def _path(self, voice_id: str) -> Path:
         # ids are made here and checked against their pattern: no request names a path
@@ -129,23 +131,43 @@ class VoiceStore:
         with self._pool.take() as mimi:
             codes = mimi.encode(audio)
         voice = Voice(f"voice_{uuid.uuid4().hex}", name, transcript, "custom", int(time.time()))
-        record = {"id": voice.id, "name": name, "transcript": transcript, "created_at": voice.created_at,
-                  "codes_shape": list(codes.shape), "codes": base64.b64encode(codes.astype("<u2").tobytes()).decode()}
+        self._write({"id": voice.id, "name": name, "transcript": transcript, "created_at": voice.created_at,
+                     "codes_shape": list(codes.shape),
+                     "codes": base64.b64encode(codes.astype("<u2").tobytes()).decode()})
+        return voice
+
+    def _write(self, record: dict) -> None:
+        """A temporary sibling renamed over the record: a reader never sees half a voice."""
         fd, tmp = tempfile.mkstemp(prefix=".voice-", suffix=".part", dir=self.directory)
         try:
             with os.fdopen(fd, "w") as f:
                 json.dump(record, f)
-            os.replace(tmp, self._path(voice.id))
+            os.replace(tmp, self._path(record["id"]))
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-        return voice
 
-    def delete(self, voice_id: str) -> None:
+    @staticmethod
+    def _check_user_id(voice_id: str, action: str) -> None:
         if not _ID.fullmatch(voice_id):
             raise VoiceError(f"{voice_id!r} is not a user voice id (voice_ and 32 hex digits); presets cannot be "
-                             "deleted", 400 if voice_id in VOICES or voice_id in OPENAI_VOICES else 404)
-        try:
-            self._path(voice_id).unlink()
-        except FileNotFoundError:
-            raise VoiceError(f"voice {voice_id} does not exist", 404) from None
+                             f"{action}", 400 if voice_id in VOICES or voice_id in OPENAI_VOICES else 404)
+
+    def rename(self, voice_id: str, name: str) -> Voice:
+        self._check_user_id(voice_id, "renamed")
+        with self._records:
+            try:
+                record = json.loads(self._path(voice_id).read_text())
+            except FileNotFoundError:
+                raise VoiceError(f"voice {voice_id} does not exist", 404) from None
+            record["name"] = name
+            self._write(record)
+        return Voice(record["id"], name, record["transcript"], "custom", record["created_at"])
+
+    def delete(self, voice_id: str) -> None:
+        self._check_user_id(voice_id, "deleted")
+        with self._records:
+            try:
+                self._path(voice_id).unlink()
+            except FileNotFoundError:
+                raise VoiceError(f"voice {voice_id} does not exist", 404) from None

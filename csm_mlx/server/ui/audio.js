@@ -55,6 +55,15 @@ export function toFloat(bytes) {
   return out;
 }
 
+/** Floats in [-1, 1] as PCM16 little-endian bytes, clipped. */
+export function fromFloat(samples) {
+  const out = new DataView(new ArrayBuffer(samples.length * 2));
+  for (let i = 0; i < samples.length; i++) {
+    out.setInt16(2 * i, Math.round(Math.max(-1, Math.min(1, samples[i])) * 32767), true);
+  }
+  return new Uint8Array(out.buffer);
+}
+
 /** A WAV file (PCM16 mono) of the bytes. */
 export function wav(pcm, rate) {
   const header = new DataView(new ArrayBuffer(44));

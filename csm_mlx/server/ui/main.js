@@ -3,6 +3,7 @@ import { ApiError, getJson, request, showError } from "./api.js";
 import { Player, progressLine, save, streamSpeech, wav } from "./audio.js";
 import { addEntry, allEntries, removeEntry } from "./store.js";
 import { setupDialogue } from "./dialogue.js";
+import { MAX_SECONDS, MIN_SECONDS, Recorder } from "./record.js";
 
 const $ = (id) => document.getElementById(id);
 const VIEWS = ["speak", "voices", "dialogue", "history", "verify"];
@@ -93,6 +94,19 @@ function renderVoiceList(list, shown, deletable) {
     });
     item.append(what, listen);
     if (deletable) {
+      item.append(button("Rename", `Rename ${voice.name}`, async () => {
+        const name = prompt(`A new name for the voice “${voice.name}”:`, voice.name);
+        if (name === null || name === voice.name) return;
+        try {
+          await request(`/v1/audio/voices/${encodeURIComponent(voice.id)}`, {
+            method: "PATCH", headers: { "Content-Type": "application/json" }, body: JSON.stringify({ name }),
+          });
+          showError($("voice-error"), null);
+          await loadVoices();
+        } catch (e) {
+          showError($("voice-error"), e);
+        }
+      }));
       item.append(button("Delete", `Delete ${voice.name}`, async () => {
         if (!confirm(`Delete the voice “${voice.name}” from the server?`)) return;
         try {
@@ -114,16 +128,75 @@ function button(text, label, onClick) {
   return b;
 }
 
+/** Record and Stop in the voice form; the take, once there, is what Add voice sends. */
+function setupRecorder(form) {
+  const start = $("record-start"), stop = $("record-stop"), time = $("record-time"), player = $("record-take");
+  const file = form.elements.audio_sample;
+  const recorder = new Recorder();
+  const state = { take: null };
+
+  function setTake(take) {
+    if (player.src) URL.revokeObjectURL(player.src);
+    state.take = take;
+    player.hidden = !take;
+    if (take) player.src = URL.createObjectURL(take.blob);
+    else player.removeAttribute("src");
+    file.required = !take;
+  }
+
+  function finish() {
+    stop.disabled = true;
+    start.disabled = false;
+    const take = recorder.stop();
+    time.textContent = `${take.seconds.toFixed(1)} s`;
+    if (take.seconds < MIN_SECONDS) {
+      return showError($("voice-error"), new ApiError(0, `the take is ${take.seconds.toFixed(1)} s long: record at ` +
+                                                          `least ${MIN_SECONDS} s (5-20 s of clear speech works best)`));
+    }
+    window.csmTake = take; // read by the page's tests
+    setTake(take);
+  }
+
+  start.addEventListener("click", async () => {
+    start.disabled = true;
+    showError($("voice-error"), null);
+    setTake(null);
+    time.textContent = "0.0 s";
+    try {
+      await recorder.start((seconds) => {
+        time.textContent = `${seconds.toFixed(1)} s`;
+        if (seconds >= MAX_SECONDS && !stop.disabled) finish();
+      });
+    } catch (e) {
+      start.disabled = false;
+      return showError($("voice-error"), e);
+    }
+    file.value = ""; // the take replaces a chosen file
+    stop.disabled = false;
+    stop.focus();
+  });
+  stop.addEventListener("click", finish);
+  file.addEventListener("change", () => file.files.length && setTake(null));
+  form.addEventListener("reset", () => {
+    setTake(null);
+    time.textContent = "0.0 s";
+  });
+  return state;
+}
+
 function setupVoiceForm() {
   const form = $("voice-form");
+  const recording = setupRecorder(form);
   form.addEventListener("submit", async (event) => {
     event.preventDefault();
     if (!form.reportValidity()) return;
     const status = $("voice-status");
     status.textContent = "Encoding the clip…";
     showError($("voice-error"), null);
+    const body = new FormData(form);
+    if (recording.take) body.set("audio_sample", recording.take.blob, "recording.wav");
     try {
-      const voice = await getJson("/v1/audio/voices", { method: "POST", body: new FormData(form) });
+      const voice = await getJson("/v1/audio/voices", { method: "POST", body });
       status.textContent = `Added ${voice.name} (${voice.id}).`;
       form.reset();
       $("speak-form").elements.voice.dataset.want = voice.id;
