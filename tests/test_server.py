@@ -467,7 +467,8 @@ def test_api_key_and_listings(csm, tmp_path):
         schema = httpx.get(server.url + "/openapi.json").json()
         body = schema["paths"]["/v1/audio/speech"]["post"]["requestBody"]["content"]["application/json"]["schema"]
         assert body["required"] == ["model", "input", "voice"] and "flac" in body["properties"]["response_format"]["enum"]
-        assert "multipart/form-data" in schema["paths"]["/v1/audio/voices"]["post"]["requestBody"]["content"]
+        for path in ("/v1/audio/voices", "/v1/audio/verify"):
+            assert "multipart/form-data" in schema["paths"][path]["post"]["requestBody"]["content"], path
         client = server.client(api_key="sesame")
         assert {"csm-1b", "tts-1"} <= {m.id for m in client.models.list()}
         models = httpx.get(server.url + "/v1/audio/models", headers={"Authorization": "Bearer sesame"}).json()

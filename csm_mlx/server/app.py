@@ -96,6 +96,10 @@ VOICE_SCHEMA = _json_body({
                    "transcript": {"type": "string", "description": "what the clip says"},
                    "audio_sample": {"type": "string", "format": "binary", "description": "WAV, FLAC, OGG or MP3"}},
 }, "multipart/form-data")
+VERIFY_SCHEMA = _json_body({"type": "object", "required": ["file"],
+                            "properties": {"file": {"type": "string", "format": "binary",
+                                                    "description": "WAV, FLAC, OGG or MP3, 8 kHz or more"}}},
+                           "multipart/form-data")
 RENAME_SCHEMA = _json_body({"type": "object", "required": ["name"],
                             "properties": {"name": {"type": "string", "maxLength": MAX_VOICE_NAME_CHARS}}})
 
@@ -411,7 +415,7 @@ def create_app(server: Server) -> FastAPI:
             raise api_error(e) from None
         return Response(wav, media_type="audio/wav", headers={"X-Sample-Rate": str(SAMPLE_RATE)})
 
-    @app.post("/v1/audio/verify")
+    @app.post("/v1/audio/verify", openapi_extra=VERIFY_SCHEMA)
     async def verify(http: HttpRequest):
         """Whether an uploaded file carries this server's watermark key, as `csm-mlx verify` reads it."""
         watermarker = server.csm.watermarker
