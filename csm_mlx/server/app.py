@@ -434,7 +434,8 @@ def create_app(server: Server) -> FastAPI:
             raise ApiError(400, "file is empty: send the bytes of a WAV, FLAC, OGG or MP3 file", "file")
 
         def read():
-            # libsndfile reads from a path: the upload goes to a file of its own, removed at once
+            # the header check and the read (as `csm-mlx verify` does them) take a path: the upload
+            # goes to a file of its own, removed at once
             fd, tmp = tempfile.mkstemp(prefix="csm-mlx-verify-")
             try:
                 with os.fdopen(fd, "wb") as f:
