@@ -156,7 +156,7 @@ def clock_shares(model: Model, repeat: int = 5):
     cache = model.backbone.make_cache()
     tokens, mask = text_prompt(model, 200)
     mx.eval(model.backbone(model.embed_rows(mx.array(tokens)[None], mx.array(mask)[None]), cache))
-    row = model.embed_frames(mx.ones((1, 1, 32), mx.int32))
+    row = model.embed_frames(mx.ones((1, 1, model.args.audio_num_codebooks), mx.int32))
     h = mx.random.normal((1, model.args.backbone.hidden_size)).astype(row.dtype)
     greedy = [Sampling(temperature=0)]
     frame_step(model, Filters.of(greedy), 1)  # the first call of a batch size runs uncompiled

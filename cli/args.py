@@ -6,7 +6,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Iterable, List, Optional
+from typing import Iterable, List, Optional, Sequence
 
 import mlx.core as mx
 import numpy as np
@@ -22,7 +22,7 @@ from csm_mlx.player import PlaybackError
 from csm_mlx.script import ScriptError, read_script
 from csm_mlx.segment import Segment
 from csm_mlx.tokenizer import TokenizerError
-from csm_mlx.voices import VOICES
+from csm_mlx.voices import VOICES, presets
 from csm_mlx.watermark import PUBLIC_KEY, WatermarkError, format_key, parse_key
 
 USER_ERRORS = (PlaybackError, ValueError, CheckpointError, hub.HubError, AudioError, CodecError, TokenizerError,
@@ -174,6 +174,9 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--top-p", type=float, default=0.0, metavar="P", help="nucleus sampling, 0 disables (default: 0)")
     g.add_argument("--min-p", type=float, default=0.0, metavar="P", help="0 disables (default: 0)")
     g.add_argument("--seed", type=int, metavar="N", help="seed for reproducible sampling")
+    g.add_argument("--codebooks", type=int, metavar="N",
+                   help="generate and decode only the first N codebooks of each frame: faster, lower quality "
+                        "(default: all of the model's, 32 for csm-1b; 8 is Moshi's)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("-q", "--quiet", action="store_true", help="print errors only")
     g.add_argument("-v", "--verbose", action="store_true", help="say what is loaded and what context is dropped")
@@ -181,8 +184,9 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
 
 def add_context_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("context (the conversation so far; it sets the voice)")
-    g.add_argument("--voice", choices=list(VOICES), metavar="NAME",
-                   help=f"voice prompt of the reference demo, spoken as --speaker: {', '.join(VOICES)}")
+    g.add_argument("--voice", metavar="NAME",
+                   help=f"voice prompt, spoken as --speaker: the model repo's own (prompts/NAME.wav), or one of "
+                        f"the reference demo's: {', '.join(VOICES)}")
     g.add_argument("--context-audio", action="append", default=[], metavar="FILE", help="audio of a context turn (repeatable)")
     g.add_argument("--context-text", action="append", default=[], metavar="TEXT", help="transcript of that turn (repeatable)")
     g.add_argument("--context-speaker", action="append", default=[], type=non_negative_int, metavar="N",
@@ -212,12 +216,20 @@ def context_inputs(args, segments: Iterable[Segment]) -> List[Path]:
 
 def sampling_options(args) -> dict:
     return dict(max_audio_length_ms=args.max_audio_length_ms, temperature=args.temperature, top_k=args.top_k,
-                top_p=args.top_p, min_p=args.min_p, seed=args.seed, stop_after_repeats=args.stop_after_repeats)
+                top_p=args.top_p, min_p=args.min_p, seed=args.seed, stop_after_repeats=args.stop_after_repeats,
+                codebooks=args.codebooks)
 
 
-def load(args) -> CSM:
+def load(args, voices: Sequence[str] = ()) -> CSM:
+    """The model the flags name; the voice presets asked for are checked first, from the model's
+    directory alone, so that a wrong name fails before anything loads."""
     if args.verbose:
         logging.basicConfig(level=logging.INFO, format="csm-mlx: %(message)s")
+    if voices:
+        known = presets(hub.resolve_model(args.model))
+        unknown = [name for name in voices if name not in known]
+        if unknown:
+            raise CliError(f"--voice {unknown[0]!r} is not a voice preset of this model: choose one of {', '.join(known)}")
     logging.getLogger("csm_mlx").info("loading %s", args.model)
     csm = CSM.load(args.model, tokenizer=args.tokenizer, mimi=args.mimi, dtype=args.dtype, adapter_path=args.adapter_path,
                    watermark=not args.no_watermark, watermark_key=args.watermark_key)

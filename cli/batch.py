@@ -55,7 +55,7 @@ def run(args) -> None:
     inputs = context_inputs(args, context) + ([Path(args.lines)] if args.lines != "-" else [])
     check_not_inputs(output, inputs)
     out_dir = OutDir(args.out_dir, "line_{:03d}.wav", len(lines), inputs)
-    csm = load(args)
+    csm = load(args, [args.voice] if args.voice else [])
     if args.voice:
         context.insert(0, csm.voice(args.voice, speaker))
 

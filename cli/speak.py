@@ -61,7 +61,7 @@ def run(args) -> None:
     output = check_output_path(args.output) if args.output else None
     context = read_context(args)
     check_not_inputs(output, context_inputs(args, context))
-    csm = load(args)
+    csm = load(args, [args.voice] if args.voice else [])
     if args.voice:
         context.insert(0, csm.voice(args.voice, speaker))
 

@@ -1,4 +1,5 @@
-"""`csm-mlx-convert`: a csm-1b checkpoint (original or transformers format) -> an MLX model directory."""
+"""`csm-mlx-convert`: a CSM checkpoint (csm-1b, Marvis, MisoTTS; original or transformers format)
+-> an MLX model directory."""
 
 import argparse
 import os
@@ -7,10 +8,11 @@ from pathlib import Path
 from typing import Optional
 
 from csm_mlx.checkpoint import (DTYPES, CheckpointError, check_finite, check_quantization, load_model, quantize,
-                                save_model)
+                                read_config, save_model, text_config, text_settings)
 from csm_mlx.hub import MIMI_FILE, TOKENIZER_FILE, WATERMARK_DIR, find_mimi, find_tokenizer, find_watermark
 from csm_mlx.cli.main import guarded
-from csm_mlx.finetune.adapters import AdapterError, fuse, load_adapters, read_config
+from csm_mlx.finetune import adapters
+from csm_mlx.finetune.adapters import AdapterError, fuse, load_adapters
 from csm_mlx.hub import HubError, resolve_model
 from csm_mlx.watermark import CHECKPOINTS, WatermarkError, weights_dir
 
@@ -41,13 +43,15 @@ def convert(
     if not os.access(parent, os.W_OK):
         raise CheckpointError(f"cannot create {mlx_path}: {parent} is not writable")
     if adapter_path is not None:
-        read_config(adapter_path)
+        adapters.read_config(adapter_path)
     source = resolve_model(hf_path)
+    _, _, source_config = read_config(source)
     extra_files = {}
     if bundle:
-        extra_files[TOKENIZER_FILE] = find_tokenizer(source)
+        extra_files[TOKENIZER_FILE] = find_tokenizer(source, repo=text_settings(source_config)[1])
         extra_files[MIMI_FILE] = find_mimi(source)
-        extra_files.update({f"prompts/{p.name}": p for p in sorted(source.glob("prompts/*.wav"))})
+        extra_files.update({f"prompts/{p.name}": p for p in sorted(source.glob("prompts/*"))
+                            if p.suffix in (".wav", ".txt")})
         watermark = weights_dir(find_watermark(source))
         extra_files.update({f"{WATERMARK_DIR}/{name}": watermark / name for name in (*CHECKPOINTS.values(), "hparams.yaml")
                             if (watermark / name).is_file()})
@@ -63,14 +67,14 @@ def convert(
     if quantize_weights:
         quantize(model, q_bits, q_group_size)
         quantization = {"group_size": q_group_size, "bits": q_bits}
-    save_model(model, mlx_path, dtype, quantization, extra_files)
+    save_model(model, mlx_path, dtype, quantization, extra_files, text_config(source_config))
     return mlx_path
 
 
 def main(argv: Optional[list] = None) -> int:
     parser = argparse.ArgumentParser(
         prog="csm-mlx-convert",
-        description="Convert a CSM-1b checkpoint (original Sesame or transformers format) to MLX.",
+        description="Convert a CSM checkpoint (csm-1b, Marvis, MisoTTS; Sesame or transformers format) to MLX.",
     )
     parser.add_argument("--hf-path", required=True, help="checkpoint directory or hub repo id (e.g. sesame/csm-1b)")
     parser.add_argument("--mlx-path", required=True, help="new directory for the MLX model")

@@ -9,14 +9,14 @@
 import os
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Iterator, List, Optional, Sequence, Union
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Union
 
 import mlx.core as mx
 import numpy as np
 
 from . import hub
 from .audio import read_audio
-from .checkpoint import load_model, read_config
+from .checkpoint import load_model, read_config, text_settings
 from .codec import FRAME_SAMPLES, SAMPLE_RATE, Mimi
 from .conversation import Conversation
 from .engine import Engine
@@ -29,7 +29,7 @@ from .static_batch import speak_all
 from .text import chunk_text
 from .tokenizer import TextTokenizer
 from .utterance import make_utterance, tokenize_segment
-from .voices import VOICES
+from .voices import VOICES, model_voices, presets
 from .watermark import PUBLIC_KEY, Watermarker, check_key
 
 
@@ -79,25 +79,35 @@ class CSM:
         if adapter_path is not None:
             adapters.read_config(adapter_path)
         model_dir = hub.resolve_model(model)
-        read_config(model_dir)
+        _, args, config = read_config(model_dir)
+        speaker_space, tokenizer_repo = text_settings(config)
         # without its weights nothing may be generated, and they load in a moment
         watermarker = Watermarker.load(hub.find_watermark(model_dir)) if watermark else None
-        tokenizer_path, mimi_path = hub.find_tokenizer(model_dir, tokenizer), hub.find_mimi(model_dir, mimi)
+        tokenizer_path = hub.find_tokenizer(model_dir, tokenizer, repo=tokenizer_repo)
+        mimi_path = hub.find_mimi(model_dir, mimi)
         csm_model, info = load_model(model_dir, dtype=None if dtype == "auto" else dtype)
         if dtype == "auto" and info["quantization"] is None and mx.default_device().type == mx.cpu:
             csm_model.set_dtype(mx.float32)
         if adapter_path is not None:
             adapters.load_adapters(csm_model, adapter_path)
-        return cls(csm_model, TextTokenizer(tokenizer_path), Mimi(mimi_path), model_dir, watermarker, key)
+        return cls(csm_model, TextTokenizer(tokenizer_path, speaker_space), Mimi(mimi_path, args.audio_num_codebooks),
+                   model_dir, watermarker, key)
+
+    def voices(self) -> Dict[str, str]:
+        """Name -> transcript of the voice presets: the model repo's own prompt clips, then those
+        of the sesame/csm-1b repo (fetched from the hub when first used)."""
+        return presets(self.model_dir)
 
     def voice(self, name: str, speaker: int = 0) -> Segment:
-        """A voice preset of the reference demo: a pinned context segment for speaker."""
+        """A voice preset (see voices()): a pinned context segment for speaker."""
+        own = model_voices(self.model_dir)
+        if name in own:
+            return Segment(speaker, own[name], read_audio(self.model_dir / f"prompts/{name}.wav"), pinned=True)
         if name not in VOICES:
-            raise ValueError(f"unknown voice {name!r}: choose one of {', '.join(VOICES)}")
+            raise OptionError("voice", f"{name!r} is not a voice preset: choose one of {', '.join(self.voices())}")
         filename = f"prompts/{name}.wav"
-        local = self.model_dir / filename if self.model_dir else None
-        path = local if local is not None and local.is_file() else hub.download(hub.DEFAULT_MODEL, [filename]) / filename
-        return Segment(speaker, VOICES[name], read_audio(path), pinned=True)
+        return Segment(speaker, VOICES[name], read_audio(hub.download(hub.DEFAULT_MODEL, [filename]) / filename),
+                       pinned=True)
 
     def tokenize(self, segment: Segment) -> TokenizedSegment:
         """A context turn as the model reads it (its audio encoded with Mimi)."""

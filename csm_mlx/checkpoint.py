@@ -4,6 +4,7 @@ import json
 import os
 import secrets
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
@@ -42,7 +43,8 @@ def _transformer_args_from_hf(cfg: Dict[str, Any]) -> TransformerArgs:
     rope = cfg.get("rope_parameters") or cfg.get("rope_scaling")
     theta = cfg.get("rope_theta") or (rope.get("rope_theta", 500_000.0) if isinstance(rope, dict) else 500_000.0)
     if isinstance(rope, dict):  # anything else is left for _check_sizes to name
-        rope = {k: v for k, v in rope.items() if k != "rope_theta"}
+        # transformers 4.x wrote the type as "type"; 5.x as "rope_type", with theta inside
+        rope = {("rope_type" if k == "type" else k): v for k, v in rope.items() if k != "rope_theta"}
         if (rope.get("rope_type") or rope.get("type")) in (None, "default"):
             rope = None
     return TransformerArgs(
@@ -101,9 +103,9 @@ def _check_sizes(args: ModelArgs, path: Path) -> None:
             raise CheckpointError(f"{where}: {e}: the file is corrupt or not a CSM config") from None
     positive_int("text_vocab_size", args.text_vocab_size, 1_048_576)
     positive_int("audio_vocab_size", args.audio_vocab_size, 65_536)
-    if args.audio_num_codebooks != NUM_CODEBOOKS or args.audio_vocab_size < AUDIO_CODES:
+    if not 1 < args.audio_num_codebooks <= NUM_CODEBOOKS or args.audio_vocab_size < AUDIO_CODES:
         raise CheckpointError(f"{where}: {args.audio_num_codebooks} codebooks of {args.audio_vocab_size} codes; "
-                              f"Mimi needs {NUM_CODEBOOKS} codebooks of at least {AUDIO_CODES} codes")
+                              f"Mimi has 2 to {NUM_CODEBOOKS} codebooks of at least {AUDIO_CODES} codes")
     if args.decoder.max_seq_len < args.audio_num_codebooks:
         raise CheckpointError(f"{where}: the depth decoder's {args.decoder.max_seq_len} positions cannot hold "
                               f"{args.audio_num_codebooks} codebooks")
@@ -127,29 +129,114 @@ def parameter_count(args: ModelArgs) -> int:
 def read_config(path: Path) -> Tuple[str, ModelArgs, Dict[str, Any]]:
     """Return (format, model args, config) for a checkpoint directory, sizes checked.
 
-    format is "original", "transformers" or "mlx"."""
+    format is "original" (Sesame's layout), "transformers", "mlx-audio" or "mlx" (ours)."""
     fmt, args, cfg = _parse_config(path)
     _check_sizes(args, path)
     return fmt, args, cfg
 
 
+# Checkpoints that ship without a config.json, known by their stacks' flavors, and how their
+# text is framed. MisoTTS (MisoLabs/MisoTTS): Llama-3.2's tokenizer, a space after the speaker tag.
+WITHOUT_CONFIG = {
+    ("llama-8B", "llama-300M"): {"speaker_prefix_space": True, "text_tokenizer": "unsloth/Llama-3.2-1B"},
+}
+
+
+def weight_shapes(path: Path) -> Dict[str, Tuple[int, ...]]:
+    """Name -> shape of every tensor in the directory's model*.safetensors, from their headers
+    alone (no weights are read)."""
+    shapes = {}
+    for f in sorted(path.glob("model*.safetensors")):
+        try:
+            with open(f, "rb") as file:
+                size = int.from_bytes(file.read(8), "little")
+                if not 0 < size <= 1 << 27:
+                    raise ValueError(f"a header of {size} bytes")
+                header = json.loads(file.read(size))
+            shapes.update({k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"})
+        except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+            raise CheckpointError(f"{f} cannot be read as safetensors ({e}): it is truncated or corrupt, "
+                                  "download it again") from None
+    return shapes
+
+
+def _stack_from_weights(shapes: Dict[str, Tuple[int, ...]], stack: str) -> Optional[Tuple[str, TransformerArgs]]:
+    """(flavor, sizes) of a stack's Sesame-style weights: the flavor whose widths they have, with
+    as many layers as they hold."""
+    layers = len({k.split(".")[2] for k in shapes if k.startswith(f"{stack}.layers.")})
+    first = f"{stack}.layers.0"
+    try:
+        widths = (shapes[f"{stack}.norm.scale"][0], shapes[f"{first}.mlp.w1.weight"][0],
+                  shapes[f"{first}.attn.q_proj.weight"][0], shapes[f"{first}.attn.k_proj.weight"][0])
+    except (KeyError, IndexError):
+        return None
+    for name, t in FLAVORS.items():
+        if widths == (t.hidden_size, t.intermediate_size, t.num_heads * t.head_dim, t.num_kv_heads * t.head_dim):
+            return name, replace(t, num_layers=layers)
+    return None
+
+
+def _config_from_weights(path: Path) -> Tuple[ModelArgs, Dict[str, Any]]:
+    """The sizes and text settings of a known checkpoint that ships without a config (MisoTTS),
+    from its weights' shapes."""
+    if not any(path.glob("model*.safetensors")):
+        _read_json(path / "config.json")  # names what is missing
+    shapes = weight_shapes(path)
+    backbone, decoder = _stack_from_weights(shapes, "backbone"), _stack_from_weights(shapes, "decoder")
+    flavors = (backbone[0] if backbone else None, decoder[0] if decoder else None)
+    if flavors not in WITHOUT_CONFIG or "audio_head" not in shapes or "text_embeddings.weight" not in shapes:
+        raise CheckpointError(f"{path} has no config.json and its weights are not those of a known CSM model "
+                              "(MisoTTS): point to a checkpoint directory with its config.json")
+    heads, _, audio_vocab = shapes["audio_head"]
+    args = ModelArgs(backbone[1], decoder[1], text_vocab_size=shapes["text_embeddings.weight"][0],
+                     audio_vocab_size=audio_vocab, audio_num_codebooks=heads + 1)
+    return args, dict(WITHOUT_CONFIG[flavors])
+
+
+def text_settings(cfg: Dict[str, Any]) -> Tuple[bool, Optional[str]]:
+    """(speaker_space, tokenizer repo) of a checkpoint's config: whether a turn's text follows its
+    speaker tag after a space, and which hub repo holds its tokenizer when none is beside it.
+    A text_tokenizer that is not a hub id (a path on its author's machine) is not used."""
+    repo = cfg.get("text_tokenizer")
+    if not isinstance(repo, str) or repo.count("/") != 1 or repo.startswith((".", "/", "~")):
+        repo = None
+    return cfg.get("speaker_prefix_space") is True, repo
+
+
+def _format(cfg: Dict[str, Any]) -> str:
+    if cfg.get("model_type") == "sesame":
+        return "mlx-audio"
+    return "original" if "backbone_flavor" in cfg else "transformers"
+
+
+def text_config(cfg: Dict[str, Any]) -> Dict[str, Any]:
+    """The text settings of a checkpoint's config, as a converted model's config keeps them."""
+    speaker_space, repo = text_settings(cfg)
+    return {**({"speaker_prefix_space": True} if speaker_space else {}), **({"text_tokenizer": repo} if repo else {})}
+
+
 def _parse_config(path: Path) -> Tuple[str, ModelArgs, Dict[str, Any]]:
+    if not (path / "config.json").exists() and path.is_dir():
+        args, cfg = _config_from_weights(path)
+        return "original", args, cfg
     cfg = _read_json(path / "config.json")
     if not isinstance(cfg, dict):
         raise CheckpointError(f"{path}/config.json holds no JSON object: it is not a CSM config")
     try:
         if cfg.get("model_type") == MLX_MODEL_TYPE:
             return "mlx", ModelArgs.from_dict(cfg["model"]), cfg
-        if cfg.get("model_type") == "csm":
+        if cfg.get("model_type") in ("csm", "sesame") and isinstance(cfg.get("depth_decoder_config"), dict):
+            # transformers' CsmConfig; Marvis's own repos and mlx-audio's conversions add
+            # Sesame-style fields to it, and the sizes it holds are the ones that count
             dd = cfg["depth_decoder_config"]
             args = ModelArgs(
                 backbone=_transformer_args_from_hf(cfg),
                 decoder=_transformer_args_from_hf(dd),
                 text_vocab_size=cfg["text_vocab_size"],
-                audio_vocab_size=cfg.get("vocab_size", 2051),
-                audio_num_codebooks=cfg.get("num_codebooks", 32),
+                audio_vocab_size=cfg.get("vocab_size", cfg.get("audio_vocab_size", 2051)),
+                audio_num_codebooks=cfg.get("num_codebooks", cfg.get("audio_num_codebooks", 32)),
             )
-            return "transformers", args, cfg
+            return _format(cfg), args, cfg
         if "backbone_flavor" in cfg:
             for flavor in (cfg["backbone_flavor"], cfg["decoder_flavor"]):
                 if flavor not in FLAVORS:
@@ -164,7 +251,7 @@ def _parse_config(path: Path) -> Tuple[str, ModelArgs, Dict[str, Any]]:
                 audio_vocab_size=cfg["audio_vocab_size"],
                 audio_num_codebooks=cfg["audio_num_codebooks"],
             )
-            return "original", args, cfg
+            return _format(cfg), args, cfg
     except CheckpointError:
         raise
     except KeyError as e:
@@ -238,8 +325,9 @@ def load_model(
     fmt, args, cfg = read_config(path)
     model = Model(args)
     weights = model.sanitize(read_weights(path))
-    quantization = cfg.get("quantization") if fmt == "mlx" else None
+    quantization = cfg.get("quantization") if fmt in ("mlx", "mlx-audio") else None
     if quantization:
+        _check_quantization_config(quantization, path)
         nn.quantize(
             model,
             group_size=quantization["group_size"],
@@ -269,6 +357,13 @@ def load_model(
     return model, info
 
 
+def _check_quantization_config(quantization: Any, path: Path) -> None:
+    if not isinstance(quantization, dict) or quantization.get("bits") not in (2, 3, 4, 5, 6, 8) \
+            or quantization.get("group_size") not in (32, 64, 128) or quantization.get("mode", "affine") != "affine":
+        raise CheckpointError(f"{path}/config.json: quantization {quantization!r} is not one MLX reads "
+                              "(affine, 2-8 bits, groups of 32, 64 or 128): convert the model again")
+
+
 def check_finite(model: Model, what: str) -> None:
     """Refuse a model whose weights hold NaN or infinity (a diverged fine-tune, a corrupt file)."""
     for name, w in tree_flatten(model.parameters()):
@@ -294,9 +389,11 @@ def save_model(
     dtype: str,
     quantization: Optional[dict],
     extra_files: Optional[Dict[str, Path]] = None,
+    text: Optional[Dict[str, Any]] = None,
 ) -> None:
     """Write config.json + model.safetensors (+ extra_files, name -> source) into a new
-    directory, atomically.
+    directory, atomically. text: the source config's text settings (speaker_prefix_space,
+    text_tokenizer), kept in the new config.
 
     The files are written into a temporary sibling that is renamed into place,
     so an interrupted conversion never leaves a half-written model behind."""
@@ -314,6 +411,7 @@ def save_model(
             "model": model.args.to_dict(),
             "dtype": dtype,
             "quantization": quantization,
+            **(text or {}),
         }
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         try:

@@ -1,4 +1,8 @@
-"""Mimi, the audio codec, through rustymimi: 32 codes per 80 ms frame <-> 24 kHz mono audio.
+"""Mimi, the audio codec, through rustymimi: up to 32 codes per 80 ms frame <-> 24 kHz mono audio.
+
+Mimi is a residual quantizer: its first N codebooks are a coarser code of the same audio, and
+decoding any prefix of them gives audio (csm-1b uses all 32, Moshi 8). rustymimi fixes N when an
+instance is loaded, so an instance is reloaded (~0.3 s) when a stream asks for another N.
 
 rustymimi's one-pass decode and encode hold the whole clip (about 2 GB of working memory for
 30 s) and its decode panics past 4096 frames. Here both run on Mimi's streaming state, one
@@ -25,7 +29,7 @@ import rustymimi
 
 SAMPLE_RATE = 24_000
 FRAME_SAMPLES = 1920  # 80 ms at 24 kHz
-NUM_CODEBOOKS = 32
+NUM_CODEBOOKS = 32  # Mimi's codebooks; a model may use fewer
 # 10 s: the one-pass encode needs ~0.7 GB for it and is ~2x faster than stepping.
 ONE_PASS_ENCODE_FRAMES = 125
 STREAM_FRAMES = 4096  # positions of the streaming decoder's RoPE table
@@ -38,9 +42,16 @@ class CodecError(ValueError):
 
 
 class Mimi:
-    def __init__(self, path: os.PathLike, stream_frames: int = STREAM_FRAMES, warmup_frames: int = WARMUP_FRAMES,
-                 reload_after: int = RELOAD_AFTER):
+    """num_codebooks: how many codes per frame encode() gives (the model's); decode() takes any
+    number from 1 to 32 (the first codebooks of a frame)."""
+
+    def __init__(self, path: os.PathLike, num_codebooks: int = NUM_CODEBOOKS, stream_frames: int = STREAM_FRAMES,
+                 warmup_frames: int = WARMUP_FRAMES, reload_after: int = RELOAD_AFTER):
+        if not 1 <= num_codebooks <= NUM_CODEBOOKS:
+            raise CodecError(f"Mimi has {NUM_CODEBOOKS} codebooks; {num_codebooks} cannot be used")
         self.path = path
+        self.num_codebooks = num_codebooks
+        self._loaded_codebooks = num_codebooks  # what the rustymimi instance is built for
         self.stream_frames, self.warmup_frames, self.reload_after = stream_frames, warmup_frames, reload_after
         self._recent: collections.deque = collections.deque(maxlen=warmup_frames)
         self._position = 0  # frames the decoder state holds since its restart
@@ -49,8 +60,7 @@ class Mimi:
 
     def _load(self) -> None:
         try:
-            # rustymimi's default is 8 codebooks; CSM uses all 32.
-            self._mimi = rustymimi.Tokenizer(str(self.path), num_codebooks=NUM_CODEBOOKS)
+            self._mimi = rustymimi.Tokenizer(str(self.path), num_codebooks=self._loaded_codebooks)
         except Exception as e:  # rustymimi raises bare exceptions for missing or malformed files
             raise CodecError(
                 f"{self.path} cannot be loaded as Mimi weights ({e}): expected "
@@ -58,24 +68,47 @@ class Mimi:
             ) from None
         self._used = 0
 
+    @property
+    def loaded_codebooks(self) -> int:
+        """The codes per frame the instance decodes without a reload."""
+        return self._loaded_codebooks
+
+    def prepare(self, n_codebooks: int) -> None:
+        """Load the instance for frames of n_codebooks codes now, rather than at the first
+        frame of the next stream (a server does it between two frames of its engine)."""
+        self._use(n_codebooks, in_stream=False)
+
+    def _use(self, n_codebooks: int, in_stream: bool) -> None:
+        """Make the instance take frames of n_codebooks codes: a fresh instance when it takes
+        others, which a stream under way (in_stream) cannot change to."""
+        if n_codebooks != self._loaded_codebooks:
+            if in_stream and self._position:
+                raise CodecError(f"a stream of {self._loaded_codebooks}-code frames cannot go on with "
+                                 f"{n_codebooks}-code frames")
+            self._loaded_codebooks = n_codebooks
+            self._load()
+            self._recent.clear()
+            self._position = 0
+
     def decode(self, codes: np.ndarray) -> np.ndarray:
-        """Codes (32, T) -> float32 audio (T * 1920,), from a fresh streaming state."""
+        """Codes (N, T) -> float32 audio (T * 1920,), from a fresh streaming state."""
         chunks = list(self.decode_chunks([codes]))
         return np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
 
     def decode_chunks(self, chunks: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
-        """Audio for each chunk of codes (32, T_i) in turn, one streaming state across them all
+        """Audio for each chunk of codes (N, T_i) in turn, one streaming state across them all
         (reset at the start), so the audio joins with no seam and memory stays flat."""
         self.reset()
         for codes in chunks:
             yield self.decode_step(codes)
 
     def decode_step(self, codes: np.ndarray) -> np.ndarray:
-        """Codes (32, T) -> audio (T * 1920,), continuing the streaming state."""
-        # rustymimi takes one C-contiguous (1, 32, 1) frame per step.
+        """Codes (N, T) -> audio (T * 1920,), continuing the streaming state."""
+        # rustymimi takes one C-contiguous (1, N, 1) frame per step.
         frames = np.ascontiguousarray(_as_codes(codes).transpose(2, 0, 1)[..., None])
         if not len(frames):
             return np.zeros(0, np.float32)
+        self._use(frames.shape[2], in_stream=True)
         return np.concatenate([self._decode_frame(frame) for frame in frames])
 
     def _decode_frame(self, frame: np.ndarray) -> np.ndarray:
@@ -107,8 +140,9 @@ class Mimi:
         self._position = 0
 
     def encode(self, audio: np.ndarray) -> np.ndarray:
-        """24 kHz mono audio (N,) -> codes (32, ceil(N / 1920)) as int32."""
+        """24 kHz mono audio (S,) -> codes (num_codebooks, ceil(S / 1920)) as int32."""
         audio = np.ascontiguousarray(audio, dtype=np.float32).reshape(-1)
+        self._use(self.num_codebooks, in_stream=False)
         n_frames = -(-len(audio) // FRAME_SAMPLES)
         if n_frames <= ONE_PASS_ENCODE_FRAMES:
             return self._mimi.encode(audio.reshape(1, 1, -1))[0].astype(np.int32)
@@ -128,8 +162,9 @@ class Mimi:
 
 def _as_codes(codes: np.ndarray) -> np.ndarray:
     codes = np.asarray(codes)
-    if codes.ndim != 2 or codes.shape[0] != NUM_CODEBOOKS:
-        raise CodecError(f"expected codes of shape (32, frames), got {codes.shape}")
+    if codes.ndim != 2 or not 1 <= codes.shape[0] <= NUM_CODEBOOKS:
+        raise CodecError(f"expected codes of shape (codebooks, frames) with 1 to {NUM_CODEBOOKS} codebooks, "
+                         f"got {codes.shape}")
     if codes.size and (codes.min() < 0 or codes.max() >= 2048):
         raise CodecError("Mimi codes must lie in 0..2047")
     return np.ascontiguousarray(codes, dtype=np.uint32)[None]

@@ -7,14 +7,17 @@ conversation (one row whose cache is kept across turns), static batches and gene
     batch = FrameBatch(model)
     row = batch.insert(utterance)
     while batch.busy:
-        for row, frame in batch.step():   # frame: codes (32,), or None when the row is done
+        for row, frame in batch.step():   # frame: codes (N,), or None when the row is done
             ...
 
 A row joins by prefilling its prompt (rows it shares with a kept cache are not run again; the
 prompts of rows joining together run side by side, right-padded, in passes of PREFILL_ROWS rows,
 or PREFILL_CHUNK while other rows are generating, so that they never wait long). Then every step
-runs one backbone step over the frames the rows produced last and the depth decoder's 31 steps,
-each row sampled with its own settings and key (csm_mlx.sampling). The next frame is queued
+runs one backbone step over the frames the rows produced last and the depth decoder's steps (31
+for csm-1b's 32 codebooks), each row sampled with its own settings and key (csm_mlx.sampling). A
+row may ask for fewer codebooks than the model's (utterance.codebooks, a lower quality level): the
+depth decoder then stops after the most any row asks for, and each row's frames, delivered and fed
+back, hold only its own first N codes. The next frame is queued
 before the last one is read back, so the device never waits for the host between frames. A row
 ends a chunk at its end of speech (an all-zero frame, not delivered), its frame cap or its repeat
 stop; the chunk joins the row's history as a turn, and the next chunk rejoins with the cache as
@@ -49,9 +52,10 @@ PREFILL_CHUNK = 64
 CONTEXT_CACHE_ROWS = 4096
 
 
-def decode_frame(model: Model, h: mx.array, sample) -> mx.array:
-    """Codes (B, 32) of one frame from the backbone's last hidden states h (B, D): codebook 0
-    from the backbone's head, then one depth-decoder step per codebook. sample(logits) -> codes."""
+def decode_frame(model: Model, h: mx.array, sample, n_codebooks: int) -> mx.array:
+    """Codes (B, n_codebooks) of one frame from the backbone's last hidden states h (B, D):
+    codebook 0 from the backbone's head, then one depth-decoder step per further codebook.
+    sample(logits) -> codes."""
     codes = [sample(model.codebook0_head(h))]
     cache = model.decoder.make_cache()
     # The backbone state and codebook 0 enter the depth decoder one position at a time: BLAS
@@ -59,47 +63,54 @@ def decode_frame(model: Model, h: mx.array, sample) -> mx.array:
     # rows on a CPU; on a GPU one extra small pass is all it costs.
     model.decoder(model.projection(h[:, None]), cache)
     x = model.embed_audio(0, codes[0])[:, None]
-    for k in range(1, model.args.audio_num_codebooks):
+    for k in range(1, n_codebooks):
         d = model.decoder(model.projection(x), cache)[:, -1]
         codes.append(sample(model.codebook_logits(k, d)))
         x = model.embed_audio(k, codes[-1])[:, None]
     return mx.stack(codes, axis=1)
 
 
-def _frame(model: Model, filters: Filters, h: mx.array, params: Dict[str, mx.array], keys: mx.array):
+def _frame(model: Model, filters: Filters, n_codebooks: int, h: mx.array, params: Dict[str, mx.array],
+           keys: mx.array):
     keys = [keys]
 
     def sample(logits):
         codes, keys[0] = sample_codes(filters, params, logits, keys[0])
         return codes
 
-    return decode_frame(model, h, sample), keys[0]
+    return decode_frame(model, h, sample, n_codebooks), keys[0]
 
 
-def frame_step(model: Model, filters: Filters, rows: int):
-    """(h, params, keys) -> (codes (B, 32), next keys): one frame of rows rows. A frame's 31
-    depth-decoder steps always have the same shapes (the cache starts empty every frame), so
-    they trace into one compiled graph per batch size; the model keeps one per filter variant.
+def frame_step(model: Model, filters: Filters, rows: int, n_codebooks: Optional[int] = None):
+    """(h, params, keys) -> (codes (B, n_codebooks), next keys): one frame of rows rows (the first
+    n_codebooks codes of it; None: all of the model's). A
+    frame's depth-decoder steps always have the same shapes (the cache starts empty every
+    frame), so they trace into one compiled graph per batch size; the model keeps one per
+    filter variant and number of codebooks.
 
     The first frame of a batch size runs uncompiled: tracing is host work (0.1 s on a tiny
     model, ~0.5 s on csm-1b), so a process's first frame (the first audio of every CLI run)
     does not wait for it; the next frame traces."""
+    n_codebooks = n_codebooks or model.args.audio_num_codebooks
     compiled = model.__dict__.setdefault("_compiled_frames", {})  # not a Module attribute: no parameters
-    if filters not in compiled:
-        compiled[filters] = (mx.compile(partial(_frame, model, filters)), set())
-    step, traced = compiled[filters]
+    variant = (filters, n_codebooks)
+    if variant not in compiled:
+        compiled[variant] = (mx.compile(partial(_frame, model, filters, n_codebooks)), set())
+    step, traced = compiled[variant]
     if rows in traced:
         return step
     traced.add(rows)
-    return partial(_frame, model, filters)
+    return partial(_frame, model, filters, n_codebooks)
 
 
 class Row:
     """One utterance in the batch. done is set when the last chunk ends (or the row was removed);
     then kept holds its cache when the utterance asked, and key its random key as it stands."""
 
-    def __init__(self, utterance: Utterance):
+    def __init__(self, utterance: Utterance, model_codebooks: int):
         self.utterance = utterance
+        self.model_codebooks = model_codebooks
+        self.codebooks = utterance.codebooks or model_codebooks  # codes in each of its frames
         self.key = utterance.key
         self.chunk = 0
         self.done = False
@@ -121,7 +132,7 @@ class Row:
         if self._pending is not None:
             n = len(tokens) - len(self._pending[0])
             return tokens[:n], mask[:n]
-        frames = audio_rows(stack_frames(self._produced[: self._fed]))
+        frames = audio_rows(stack_frames(self._produced[: self._fed], self.codebooks), self.model_codebooks)
         return np.concatenate([tokens, frames[0][:-1]]), np.concatenate([mask, frames[1][:-1]])
 
 
@@ -163,10 +174,11 @@ class FrameBatch:
         self._rows: List[Row] = []  # generating, in cache order
         self._joining: List[Row] = []  # prefilling, or prefilled and waiting to join
         self._cache: Optional[List[BatchKVCache]] = None
-        # (codes (B, 32), keys after them) of the generating rows' last frames, queued, not read yet
+        # (codes (B, N), keys after them) of the generating rows' last frames, queued, not read yet
         self._queued: Optional[Tuple[mx.array, mx.array]] = None
         self._unread = False  # whether _queued's codes are still to be delivered
-        self._sampling: Optional[Tuple[Filters, Dict[str, mx.array]]] = None  # of _rows, made when they change
+        # of _rows, made when they change: filters, per-row parameters, codebooks to generate
+        self._sampling: Optional[Tuple[Filters, Dict[str, mx.array], int]] = None
         # context rows (tokens, mask bytes) -> their cache, least recently used first
         self._contexts: "OrderedDict[Tuple[bytes, bytes], List[KVCache]]" = OrderedDict()
 
@@ -181,7 +193,7 @@ class FrameBatch:
 
     def insert(self, utterance: Utterance) -> Row:
         """Add a row for the utterance; it starts generating at a later step."""
-        row = Row(utterance)
+        row = Row(utterance, self.model.args.audio_num_codebooks)
         self._start_chunk(row, utterance.kept)
         self._joining.append(row)
         return row
@@ -203,7 +215,7 @@ class FrameBatch:
 
     def step(self) -> List[Tuple[Row, Optional[np.ndarray]]]:
         """One prefill pass for joining rows, and one frame for every generating row: the
-        frames (32,) delivered, and (row, None) for each row that is done."""
+        frames (N,) delivered, and (row, None) for each row that is done."""
         events: List[Tuple[Row, Optional[np.ndarray]]] = []
         self._prefill()
         joiners = [row for row in self._joining if row._h is not None]
@@ -231,7 +243,7 @@ class FrameBatch:
         keep = []
         for i, row in enumerate(reading):
             row.key = queued[1][i]
-            if self._advance(row, frames[i], events):
+            if self._advance(row, frames[i, : row.codebooks], events):
                 keep.append(i)
             elif not row.done:
                 self._leave_for_next_chunk(row, i)
@@ -266,7 +278,7 @@ class FrameBatch:
         """Deliver a frame or end the chunk; whether the row goes on generating."""
         utterance, chunk = row.utterance, row.utterance.chunks[row.chunk]
         row._produced.append(frame)
-        stop = not frame.any()  # the reference's end of speech: all 32 codes zero, not delivered
+        stop = not frame.any()  # the reference's end of speech: all codes zero, not delivered
         if not stop:
             row._run = row._run + 1 if row._spoken and frame[0] == row._spoken[-1][0] else 1
             stop = utterance.stop_after_repeats is not None and row._run >= utterance.stop_after_repeats
@@ -296,7 +308,7 @@ class FrameBatch:
 
     def _end_chunk(self, row: Row) -> None:
         chunk = row.utterance.chunks[row.chunk]
-        row.utterance.history.append(TokenizedSegment(chunk.text_tokens, stack_frames(row._spoken)))
+        row.utterance.history.append(TokenizedSegment(chunk.text_tokens, stack_frames(row._spoken, row.codebooks)))
 
     def _finish(self, row: Row, kept: Optional[KeptCache], end_chunk: bool) -> None:
         if end_chunk:
@@ -389,7 +401,10 @@ class FrameBatch:
         states, keys = [], []
         if self._rows:
             codes, keys_after = self._queued
-            states.append(self.model.backbone(self.model.embed_frames(codes[:, None]), self._cache)[:, -1])
+            counts = [row.codebooks for row in self._rows]
+            per_row = None if min(counts) == codes.shape[1] else mx.array(counts)
+            fed = self.model.embed_frames(codes[:, None], per_row)
+            states.append(self.model.backbone(fed, self._cache)[:, -1])
             keys.append(keys_after)
             for row in self._rows:
                 row._fed += 1
@@ -403,11 +418,12 @@ class FrameBatch:
             self._rows, self._sampling = self._rows + joiners, None
         if self._sampling is None:
             samplings = [row.utterance.sampling for row in self._rows]
-            self._sampling = Filters.of(samplings), row_params(samplings)
-        filters, params = self._sampling
+            n_codebooks = max(row.codebooks for row in self._rows)
+            self._sampling = Filters.of(samplings), row_params(samplings), n_codebooks
+        filters, params, n_codebooks = self._sampling
         h = mx.concatenate(states) if len(states) > 1 else states[0]
         keys = mx.concatenate(keys) if len(keys) > 1 else keys[0]
-        codes, keys = frame_step(self.model, filters, len(self._rows))(h, params, keys)
+        codes, keys = frame_step(self.model, filters, len(self._rows), n_codebooks)(h, params, keys)
         mx.async_eval(codes, keys)
         self._queued, self._unread = (codes, keys), True
         self.steps += 1

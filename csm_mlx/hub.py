@@ -83,9 +83,10 @@ def _local_or_hub(explicit: Optional[os.PathLike], beside_model: Path, repo: str
     return download(repo, [filename]) / filename
 
 
-def find_tokenizer(model_dir: Path, explicit: Optional[os.PathLike] = None) -> Path:
-    """The tokenizer.json to use: explicit, else beside the model, else the ungated hub copy."""
-    return _local_or_hub(explicit, model_dir / TOKENIZER_FILE, TOKENIZER_REPO, TOKENIZER_FILE)
+def find_tokenizer(model_dir: Path, explicit: Optional[os.PathLike] = None, repo: Optional[str] = None) -> Path:
+    """The tokenizer.json to use: explicit, else beside the model, else the hub repo the model's
+    config names (repo), else the ungated copy of Llama-3.2's."""
+    return _local_or_hub(explicit, model_dir / TOKENIZER_FILE, repo or TOKENIZER_REPO, TOKENIZER_FILE)
 
 
 def find_mimi(model_dir: Path, explicit: Optional[os.PathLike] = None) -> Path:

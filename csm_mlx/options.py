@@ -101,6 +101,7 @@ RULES: Dict[str, Rule] = {
     "seed": Rule(int, 0, 2**63 - 1, optional=True),
     "max_audio_length_ms": Rule(float, FRAME_MS, MAX_AUDIO_MS, optional=True, unit=" ms"),
     "stop_after_repeats": Rule(int, 1, WINDOW_FRAMES, optional=True),
+    "codebooks": Rule(int, 1, 32, optional=True),  # Mimi's 32 at most; the model's own count is checked later
     "chunk_chars": Rule(int, 0, 100_000),
     "speaker": Rule(int, 0, 1_000_000),
     "chunk_frames": Rule(int, 1, WINDOW_FRAMES),

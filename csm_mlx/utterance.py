@@ -14,7 +14,7 @@ from mlx_lm.models.cache import KVCache
 
 from .audio import check_context_audio
 from .context import fit_context
-from .options import check_options, check_text
+from .options import OptionError, check_options, check_text
 from .prompt import Rows, TokenizedSegment, prompt_rows
 from .sampling import Sampling
 from .segment import Segment, check_speaker
@@ -43,6 +43,7 @@ class Utterance:
     sampling: Sampling
     key: mx.array  # the row's random key, split once per codebook
     stop_after_repeats: Optional[int] = None  # frames in a row with the same codebook-0 code that end a chunk
+    codebooks: Optional[int] = None  # codes per frame to generate; None: all of the model's
     kept: Optional[KeptCache] = None  # a cache to start from (the conversation's so far)
     keep_cache: bool = False  # whether the row's cache is kept when it is done, for a next turn
     prefilled_rows: List[int] = field(default_factory=list)  # rows run through the backbone before each chunk
@@ -77,17 +78,21 @@ def make_utterance(tokenizer, mimi, text: str, speaker: int = 0,
                    context: Sequence[Union[Segment, TokenizedSegment]] = (), *, window: int,
                    chunk_chars: int = 250, max_audio_length_ms: Optional[float] = None, temperature: float = 0.9,
                    top_k: int = 50, top_p: float = 0.0, min_p: float = 0.0, seed: Optional[int] = None,
-                   stop_after_repeats: Optional[int] = None, key: Optional[mx.array] = None) -> Utterance:
+                   stop_after_repeats: Optional[int] = None, codebooks: Optional[int] = None,
+                   key: Optional[mx.array] = None) -> Utterance:
     """text spoken by speaker after the context (Segments are encoded here; TokenizedSegments are
     taken as they are). Text longer than chunk_chars (0: never) is spoken in sentence chunks.
     Each chunk stops at the model's end of speech, at its frame cap (max_audio_length_ms, or
     one from its length) or after stop_after_repeats frames with the same codebook-0 code.
-    seed (else key, else a random one) makes sampling repeatable. Raises on bad input, and
+    seed (else key, else a random one) makes sampling repeatable. codebooks: generate only the
+    first N of each frame's codes (the model's own count is mimi.num_codebooks). Raises on bad input, and
     ContextError when a chunk cannot fit the window beside the pinned context."""
     text = check_text(text)
     options = check_options(speaker=speaker, chunk_chars=chunk_chars, max_audio_length_ms=max_audio_length_ms,
                             temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed,
-                            stop_after_repeats=stop_after_repeats)
+                            stop_after_repeats=stop_after_repeats, codebooks=codebooks)
+    if options["codebooks"] is not None and options["codebooks"] > mimi.num_codebooks:
+        raise OptionError("codebooks", f"must be at most {mimi.num_codebooks} (the model's), got {options['codebooks']}")
     sampling = Sampling(*(options[k] for k in ("temperature", "top_k", "top_p", "min_p")))
     history = [s if isinstance(s, TokenizedSegment) else tokenize_segment(tokenizer, mimi, s) for s in context]
     texts = chunk_text(text, options["chunk_chars"]) if options["chunk_chars"] else [text]
@@ -98,4 +103,4 @@ def make_utterance(tokenizer, mimi, text: str, speaker: int = 0,
         fit_context([s.rows for s in pinned], [True] * len(pinned), len(chunk.text_tokens) + chunk.max_frames, window)
     if options["seed"] is not None or key is None:
         key = random_key(options["seed"])
-    return Utterance(history, chunks, sampling, key, options["stop_after_repeats"])
+    return Utterance(history, chunks, sampling, key, options["stop_after_repeats"], options["codebooks"])

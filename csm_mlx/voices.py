@@ -1,6 +1,9 @@
-"""The voice presets: the six prompt clips of the sesame/csm-1b repo and their transcripts."""
+"""The voice presets: a model repo's own prompt clips (prompts/NAME.wav, with its transcript in
+prompts/NAME.txt, as Marvis's repos ship them), and the six clips of the sesame/csm-1b repo, which
+any CSM model can take as context."""
 
-from typing import Dict
+from pathlib import Path
+from typing import Dict, Optional
 
 # The voice prompts of the sesame/csm-1b repo (prompts/NAME.wav) and the reference demo's transcripts.
 VOICES: Dict[str, str] = {
@@ -37,3 +40,25 @@ VOICES: Dict[str, str] = {
         "way your eyebrows raise."
     ),
 }
+
+
+def model_voices(model_dir: Optional[Path]) -> Dict[str, str]:
+    """Name -> transcript of the prompt clips beside a model: each prompts/NAME.wav whose
+    transcript is in prompts/NAME.txt or, for csm-1b's clips, in VOICES."""
+    voices = {}
+    for clip in sorted(model_dir.glob("prompts/*.wav")) if model_dir is not None else []:
+        text = clip.with_suffix(".txt")
+        try:
+            transcript = " ".join(text.read_text(encoding="utf-8").split()) if text.is_file() else VOICES.get(clip.stem)
+        except (OSError, UnicodeDecodeError):
+            transcript = None  # an unreadable transcript: the clip cannot be a prompt
+        if transcript:
+            voices[clip.stem] = transcript
+    return voices
+
+
+def presets(model_dir: Optional[Path]) -> Dict[str, str]:
+    """Name -> transcript of every voice preset a model has: its own clips, then csm-1b's six
+    (fetched from the sesame/csm-1b repo when first used), which any CSM model can take as context."""
+    own = model_voices(model_dir)
+    return {**own, **{name: text for name, text in VOICES.items() if name not in own}}

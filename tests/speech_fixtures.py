@@ -20,7 +20,11 @@ CORPUS = [
 ]
 
 
-def make_tokenizer(path: Path, vocab_size: int = 380) -> Path:
+LLAMA3_SPECIAL = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>"]
+SMOLLM2_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ids 0, 1, 2 as in SmolLM2's
+
+
+def make_tokenizer(path: Path, vocab_size: int = 380, special_tokens=tuple(LLAMA3_SPECIAL)) -> Path:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
@@ -28,7 +32,7 @@ def make_tokenizer(path: Path, vocab_size: int = 380) -> Path:
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>"],
+        special_tokens=list(special_tokens),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )

@@ -133,7 +133,7 @@ def test_compiled_frame_gives_the_plain_frame(model):
     h = mx.random.normal((2, model.args.backbone.hidden_size), key=mx.random.key(0))
     samplings = [Sampling(0.9, 50), Sampling(0)]
     args = (h, row_params(samplings), mx.stack([random_key(3), random_key(4)]))
-    plain = _frame(model, Filters.of(samplings), *args)
+    plain = _frame(model, Filters.of(samplings), model.args.audio_num_codebooks, *args)
     filters = Filters.of(samplings)
     first, then = frame_step(model, filters, 2), frame_step(model, filters, 2)
     assert type(first) is partial and frame_step(model, filters, 2) is then  # a new batch size: plain, then compiled

@@ -165,7 +165,7 @@ CLI_CASES = [
     (["Hi", "-o", "{ws}/out.wav", "--chunk-chars", "-5"], "--chunk-chars must be at least 0"),
     (["Hi", "--play", "--stream-chunk-frames", "0"], "--stream-chunk-frames must be at least 1"),
     (["Hi", "-o", "{ws}/out.wav", "--speaker", "-1"], "must be a non-negative integer"),
-    (["Hi", "-o", "{ws}/out.wav", "--voice", "nobody"], "invalid choice"),
+    (["Hi", "-o", "{ws}/out.wav", "--voice", "nobody"], "--voice 'nobody' is not a voice preset of this model"),
     (["Hi\udcff", "-o", "{ws}/out.wav"], "text is not valid UTF-8"),
     (["Hi", "-o", "{ws}/out.wav", "--context-audio", "{ws}/missing.wav", "--context-text", "x"], "missing.wav does not exist"),
     (["Hi", "-o", "{ws}/out.wav", "--context-audio", "{ws}/corrupt.wav", "--context-text", "x"], "cannot read audio file"),
@@ -187,7 +187,7 @@ CLI_CASES = [
      "--pause-ms must be at least 0"),
     (["dialogue", "{ws}/script.txt", "-o", "{ws}/out.wav", "--turns-dir", "{ws}/a_file"], "is not a directory"),
     (["dialogue", "{ws}/turn.json", "-o", "{ws}/voice.wav"], "is also an input"),
-    (["dialogue", "{ws}/script.txt", "-o", "{ws}/out.wav", "--voice", "0=nobody"], "unknown voice 'nobody'"),
+    (["dialogue", "{ws}/script.txt", "-o", "{ws}/out.wav", "--voice", "0=nobody"], "--voice 'nobody' is not a voice preset of this model"),
     (["dialogue", "{ws}/script.txt", "-o", "{ws}/out.wav", "--voice-audio", "0={ws}/voice.wav"], "needs --voice-text"),
     (["batch", "{ws}/lines.txt", "-o", "{ws}/out.wav", "--batch-size", "0"], "--batch-size must be at least 1"),
     (["batch", "{ws}/lines.txt", "-o", "{ws}/out.wav", "--batch-size", "100000"], "--batch-size must be at most 256"),
@@ -253,7 +253,7 @@ CLI_CASES = [
 
 
 @pytest.mark.parametrize("argv, fragment", CLI_CASES, ids=[" ".join(a)[:60] for a, _ in CLI_CASES])
-def test_bad_cli_input_is_one_line_exit_2_and_leaves_nothing(ws, capsys, argv, fragment):
+def test_bad_cli_input_is_one_line_exit_2_and_leaves_nothing(ws, capsys, hub_cache, argv, fragment):
     before = snapshot(ws)
     argv = [a.format(ws=ws) for a in argv]
     try:

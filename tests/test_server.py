@@ -405,6 +405,18 @@ def test_null_is_the_default_for_every_optional_field(live):
     assert_pcm_close(pcm16(response.content), pcm16(speak(live.client(), "pcm", **GREEDY)))
 
 
+def test_codebooks_field_streams_the_lower_quality_level(csm, live):
+    """"codebooks": 8 streams what CSM.generate gives with codebooks=8; 0 or more than the model's
+    32 is a 400 naming the field."""
+    expected = reference(csm, codebooks=8)
+    assert len(expected) == FRAMES * 1920
+    assert_pcm_close(pcm16(speak(live.client(), "pcm", codebooks=8, **GREEDY)), to_pcm16(expected))
+    assert np.abs(to_pcm16(expected) - to_pcm16(reference(csm))).max() > 100  # not the full frames
+    for bad in (0, 33, "8"):
+        response = _post(live.url, {"model": "tts-1", "input": "Hi", "voice": "alloy", "codebooks": bad})
+        assert response.status_code == 400 and response.json()["error"]["param"] == "codebooks", bad
+
+
 def test_speed_is_a_time_stretch(live):
     normal = pcm16(speak(live.client(), "pcm", **GREEDY))
     fast = pcm16(speak(live.client(), "pcm", speed=2.0, **GREEDY))

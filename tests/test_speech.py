@@ -83,6 +83,20 @@ def test_cli_writes_the_decoded_audio(hub_cache, mimi_path, tmp_path, csm):
     assert np.abs(audio[:, 0] - rustymimi_decode(mimi_path, speech.codes)).max() <= 1e-5
 
 
+def test_codebooks_flag_writes_the_first_codebooks_decoded(mimi_path, tmp_path, csm):
+    """--codebooks 8: the frames csm.generate gives with codebooks=8 (8 codes each), decoded by a
+    Mimi built for 8 codebooks."""
+    out = tmp_path / "eight.wav"
+    assert run_cli("Hello", "-q", "-o", out, "--seed", 3, "--codebooks", 8, *SHORT) == 0
+    speech = csm.generate("Hello", 0, max_audio_length_ms=FRAMES * 80, seed=3, codebooks=8)
+    assert speech.codes.shape == (8, FRAMES)
+    eight = rustymimi.Tokenizer(str(mimi_path), num_codebooks=8)
+    expected = eight.decode(np.ascontiguousarray(speech.codes[None], np.uint32))[0, 0]
+    assert np.abs(sf.read(out, dtype="float32")[0] - expected).max() <= 1e-5
+    assert run_cli("Hello", "-q", "-o", tmp_path / "bad.wav", "--codebooks", 33, *SHORT) == 2
+    assert not (tmp_path / "bad.wav").exists()
+
+
 def test_context_audio_any_rate_and_channels(csm, mimi_path, tmp_path):
     rng = np.random.default_rng(5)
     n = 44_100 * 3 // 4
@@ -121,7 +135,8 @@ def test_same_seed_same_audio_and_every_flag_changes_it(hub_cache, tmp_path):
     base = audio("base", "--seed", 1)
     np.testing.assert_array_equal(base, audio("again", "--seed", 1))
     for flags in (["--seed", 2], ["--seed", 1, "--temperature", 1.6], ["--seed", 1, "--top-k", 3],
-                  ["--seed", 1, "--top-p", 0.3], ["--seed", 1, "--min-p", 0.3], ["--seed", 1, "--speaker", 4]):
+                  ["--seed", 1, "--top-p", 0.3], ["--seed", 1, "--min-p", 0.3], ["--seed", 1, "--speaker", 4],
+                  ["--seed", 1, "--codebooks", 16]):
         assert not np.array_equal(base, audio("x", *flags)), flags
 
 

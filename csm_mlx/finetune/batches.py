@@ -25,7 +25,7 @@ def sequence_rows(example: Example) -> Tuple[np.ndarray, np.ndarray, np.ndarray,
     tokens, mask, labels, frame = [], [], [], []
     for segment in example.segments:
         n_codebooks, n_frames = segment.audio_codes.shape
-        for t, m in (text_rows(segment.text_tokens, n_codebooks), audio_rows(segment.audio_codes)):
+        for t, m in (text_rows(segment.text_tokens, n_codebooks), audio_rows(segment.audio_codes, n_codebooks)):
             tokens.append(t)
             mask.append(m)
         labels.append(np.full((len(segment.text_tokens), n_codebooks), IGNORE, np.int32))

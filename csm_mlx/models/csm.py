@@ -49,10 +49,16 @@ class TransformerArgs:
 # Label of a code that is not trained (transformers' ignore_index).
 IGNORE = -100
 
-# The original checkpoint's config names flavors only; tests register tiny ones.
+# Sesame-style configs name their stacks by flavor (torchtune's Llama builders); tests register
+# tiny ones. csm-1b: 1B + 100M; Marvis 250m: 250M + 60M (Marvis-Labs/marvis-tts); MisoTTS:
+# 8B + 300M (MisoLabsAI/MisoTTS).
 FLAVORS: Dict[str, TransformerArgs] = {
     "llama-1B": TransformerArgs(16, 2048, 32, 8, 8192),
     "llama-100M": TransformerArgs(4, 1024, 8, 2, 8192),
+    "llama-250M": TransformerArgs(6, 1536, 12, 3, 8192, head_dim=128),
+    "llama-60M": TransformerArgs(4, 1024, 8, 2, 4096, head_dim=128),
+    "llama-8B": TransformerArgs(32, 4096, 32, 8, 14336),
+    "llama-300M": TransformerArgs(8, 1536, 24, 6, 6912),
 }
 
 
@@ -167,12 +173,18 @@ class Model(nn.Module):
         mask = mask.astype(audio.dtype)
         return (audio * mask[..., :-1, None]).sum(axis=-2) + text * mask[..., -1:]
 
-    def embed_frames(self, codes: mx.array) -> mx.array:
-        """Backbone inputs for generated frames: (B, T, 32) codes -> (B, T, D).
+    def embed_frames(self, codes: mx.array, codebooks: Optional[mx.array] = None) -> mx.array:
+        """Backbone inputs for generated frames: (B, T, N) codes of the first N codebooks -> (B, T, D).
 
-        A frame row has every audio column on and the text column off, so the
-        row is just the sum of its codebook embeddings."""
-        return self.audio_embeddings(codes + self._codebook_offsets).sum(axis=-2)
+        A frame row has its audio columns on and the text column off, so the row is just the
+        sum of its codebook embeddings. codebooks (B,): how many of the N each row uses (a row
+        generated at a lower quality level has the rest off, as its prompt rows do)."""
+        n = codes.shape[-1]
+        embedded = self.audio_embeddings(codes + self._codebook_offsets[:n])
+        if codebooks is not None:
+            used = mx.arange(n) < codebooks[:, None]
+            embedded = embedded * used[:, None, :, None].astype(embedded.dtype)
+        return embedded.sum(axis=-2)
 
     def embed_audio(self, codebook: int, codes: mx.array) -> mx.array:
         return self.audio_embeddings(codes + codebook * self.args.audio_vocab_size)
@@ -228,11 +240,14 @@ class Model(nn.Module):
         return backbone_loss + depth_loss, backbone_loss, depth_loss
 
     def sanitize(self, weights: Dict[str, mx.array]) -> Dict[str, mx.array]:
-        """Map a checkpoint in either hub format (or already ours) onto this model's keys."""
+        """Map a checkpoint in any supported format (Sesame's, transformers', mlx-audio's, or
+        already ours) onto this model's keys."""
         if any(k.startswith("backbone_model.") for k in weights):
             weights = _from_transformers(weights)
         elif any(".attn.q_proj." in k for k in weights):
             weights = _from_original(weights, self.args)
+        elif any(k.startswith("model.backbone.") for k in weights):
+            weights = _from_mlx_audio(weights, self.args)
         if "audio_head" in weights:
             stacked = weights.pop("audio_head")
             for k in range(stacked.shape[0]):
@@ -300,15 +315,31 @@ def interleaved_to_rotate_half(w: mx.array, n_heads: int) -> mx.array:
     return w.reshape(n_heads, d // 2, 2, in_dim).swapaxes(1, 2).reshape(out_dim, in_dim)
 
 
+def _to_rotate_half(key: str, value: mx.array, args: ModelArgs) -> mx.array:
+    """A q/k projection's tensor (weight, or a quantized one's scales and biases: all one row per
+    output) reordered for rotate-half RoPE; any other tensor as it is."""
+    stack = args.backbone if key.startswith("backbone.") else args.decoder
+    if ".self_attn.q_proj." in key:
+        return interleaved_to_rotate_half(value, stack.num_heads)
+    if ".self_attn.k_proj." in key:
+        return interleaved_to_rotate_half(value, stack.num_kv_heads)
+    return value
+
+
 def _from_original(weights, args: ModelArgs):
     out = {}
     for key, value in weights.items():
         for old, new in _ORIGINAL_RENAMES:
             key = key.replace(old, new)
-        stack = args.backbone if key.startswith("backbone.") else args.decoder
-        if key.endswith("self_attn.q_proj.weight"):
-            value = interleaved_to_rotate_half(value, stack.num_heads)
-        elif key.endswith("self_attn.k_proj.weight"):
-            value = interleaved_to_rotate_half(value, stack.num_kv_heads)
-        out[key] = value
+        out[key] = _to_rotate_half(key, value, args)
+    return out
+
+
+def _from_mlx_audio(weights, args: ModelArgs):
+    """mlx-audio's "sesame" conversions (the Marvis -MLX repos): our names under "model.", with
+    q/k in Sesame's interleaved order, as its RoPE is the traditional one."""
+    out = {}
+    for key, value in weights.items():
+        key = key[len("model.") :] if key.startswith("model.") else key
+        out[key] = _to_rotate_half(key, value, args)
     return out

@@ -60,7 +60,7 @@ MAX_VERIFY_SECONDS = 300
 MODEL_ALIASES = ("tts-1", "tts-1-hd", "gpt-4o-mini-tts")
 # the CSM knobs a speech request may set, with the library's defaults
 KNOBS: Dict[str, Any] = {"speaker": 0, "temperature": 0.9, "top_k": 50, "top_p": 0.0, "min_p": 0.0, "seed": None,
-                         "max_audio_length_ms": None, "stop_after_repeats": None, "chunk_chars": 250}
+                         "max_audio_length_ms": None, "stop_after_repeats": None, "chunk_chars": 250, "codebooks": None}
 
 # open even with an API key: they hold no secrets, and the page asks for the key itself
 PUBLIC_PATHS = ("/health", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/")
@@ -584,8 +584,9 @@ def build_app(csm: CSM, engine: Engine, voices_dir, *, api_key: Optional[str] = 
     if transform is None and csm.watermarker is not None:
         def transform():
             return csm.watermarker.stream(csm.watermark_key, csm.sample_rate, run=engine.call)
-    pool = MimiPool(csm.mimi.path, size=engine.max_batch, preload=engine.max_batch, run=engine.call)
-    voices = VoiceStore(voices_dir, pool, lambda name: csm.voice(name).audio)
+    pool = MimiPool(csm.mimi.path, size=engine.max_batch, preload=engine.max_batch, run=engine.call,
+                    num_codebooks=csm.mimi.num_codebooks)
+    voices = VoiceStore(voices_dir, pool, lambda name: csm.voice(name).audio, csm.voices())
     api = create_app(Server(csm, engine, voices, pool, model_name, transform))
     if ui:
         add_ui(api)

@@ -5,9 +5,9 @@ bound for Mimi: past it, a response waits for an instance to come back."""
 import os
 import threading
 from contextlib import contextmanager
-from typing import Callable, Iterator, List, TypeVar
+from typing import Callable, Iterator, List, Optional, TypeVar
 
-from ..codec import Mimi
+from ..codec import NUM_CODEBOOKS, Mimi
 from ..engine import EngineError
 
 T = TypeVar("T")
@@ -26,11 +26,11 @@ class MimiPool:
     on), as CSM.generate's own instance does: at most one PCM16 step."""
 
     def __init__(self, path: os.PathLike, size: int, preload: int = 0,
-                 run: Callable[[Callable[[], T]], T] = lambda fn: fn()):
+                 run: Callable[[Callable[[], T]], T] = lambda fn: fn(), num_codebooks: int = NUM_CODEBOOKS):
         if size < 1:
             raise ValueError("a Mimi pool needs at least one instance")
-        self._path, self.size, self._run = path, size, run
-        self._idle: List[Mimi] = [Mimi(path) for _ in range(min(preload, size))]
+        self._path, self.size, self._run, self.num_codebooks = path, size, run, num_codebooks
+        self._idle: List[Mimi] = [Mimi(path, num_codebooks) for _ in range(min(preload, size))]
         self.loaded = len(self._idle)  # instances alive: idle, lent, or being loaded
         self.peak_loaded = self.loaded
         self._changed = threading.Condition()
@@ -43,16 +43,20 @@ class MimiPool:
             return self.loaded - len(self._idle)
 
     @contextmanager
-    def take(self, stopped: Callable[[], bool] = lambda: False) -> Iterator[Mimi]:
-        """An instance of its own for the caller; waits while all size are lent, and raises
-        PoolStopped if stopped() turns true while it waits."""
+    def take(self, stopped: Callable[[], bool] = lambda: False, codebooks: Optional[int] = None) -> Iterator[Mimi]:
+        """An instance of its own for the caller, ready to decode frames of codebooks codes (the
+        model's count by default); waits while all size are lent, and raises PoolStopped if
+        stopped() turns true while it waits."""
         mimi = self._idle_or_slot(stopped)
-        if mimi is None:
-            try:
-                mimi = self._run(lambda: Mimi(self._path))
-            except BaseException:
-                self._drop()
-                raise
+        codebooks = codebooks or self.num_codebooks
+        try:
+            if mimi is None:
+                mimi = self._run(lambda: Mimi(self._path, self.num_codebooks))
+            if mimi.loaded_codebooks != codebooks:
+                self._run(lambda: mimi.prepare(codebooks))
+        except BaseException:
+            self._drop()
+            raise
         try:
             yield mimi
         finally:

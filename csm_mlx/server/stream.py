@@ -59,7 +59,8 @@ def run_audio(request: Request, pool: MimiPool, fmt: str, speed: float,
             tempo = Tempo(speed) if speed != 1 else None
             frames = iter(request)
             first = next(frames, None)  # a queued request holds no Mimi instance while it waits
-            with pool.take(stopped=lambda: request.cancelled) as mimi:
+            codebooks = len(first) if first is not None else None
+            with pool.take(stopped=lambda: request.cancelled, codebooks=codebooks) as mimi:
                 for frame in itertools.chain([first] if first is not None else [], frames):
                     if request.cancelled:  # its client is gone: its frames are decoded for no one
                         return

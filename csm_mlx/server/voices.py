@@ -62,10 +62,12 @@ class Voice:
 class VoiceStore:
     """Presets (encoded on first use, then kept), aliases, and the user voices in directory."""
 
-    def __init__(self, directory: Path, pool: MimiPool, preset_audio: Callable[[str], np.ndarray]):
+    def __init__(self, directory: Path, pool: MimiPool, preset_audio: Callable[[str], np.ndarray],
+                 presets: Optional[Dict[str, str]] = None):
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self._pool, self._preset_audio = pool, preset_audio
+        self.presets = dict(VOICES if presets is None else presets)  # name -> transcript
         self._preset_codes: Dict[str, np.ndarray] = {}
         self._lock = threading.Lock()
         # a rename reads and rewrites a record: a delete between the two would bring the voice back
@@ -87,8 +89,9 @@ class VoiceStore:
         return voices
 
     def list(self) -> List[Voice]:
-        voices = [Voice(name, name, VOICES[name], "preset", preset=name) for name in VOICES]
-        voices += [Voice(alias, alias, VOICES[preset], "alias", preset=preset) for alias, preset in OPENAI_VOICES.items()]
+        voices = [Voice(name, name, text, "preset", preset=name) for name, text in self.presets.items()]
+        voices += [Voice(alias, alias, self.presets[preset], "alias", preset=preset)
+                   for alias, preset in OPENAI_VOICES.items() if preset in self.presets]
         voices += [Voice(r["id"], r["name"], r["transcript"], "custom", r["created_at"]) for r in self._custom()]
         return voices
 
@@ -96,7 +99,7 @@ class VoiceStore:
         """A voice by preset name, OpenAI name, user voice id or (unique) user voice name."""
         matches = [v for v in self.list() if v.id == voice] or [v for v in self.list() if v.name == voice]
         if len(matches) != 1:
-            known = ", ".join(list(VOICES) + list(OPENAI_VOICES))
+            known = ", ".join(list(self.presets) + list(OPENAI_VOICES))
             problem = "names several voices: use its id" if matches else "is not a voice"
             raise VoiceError(f"voice {voice!r} {problem}; presets are {known}, and GET /v1/audio/voices lists "
                              "user voices")
@@ -147,11 +150,10 @@ class VoiceStore:
             Path(tmp).unlink(missing_ok=True)
             raise
 
-    @staticmethod
-    def _check_user_id(voice_id: str, action: str) -> None:
+    def _check_user_id(self, voice_id: str, action: str) -> None:
         if not _ID.fullmatch(voice_id):
             raise VoiceError(f"{voice_id!r} is not a user voice id (voice_ and 32 hex digits); presets cannot be "
-                             f"{action}", 400 if voice_id in VOICES or voice_id in OPENAI_VOICES else 404)
+                             f"{action}", 400 if voice_id in self.presets or voice_id in OPENAI_VOICES else 404)
 
     def rename(self, voice_id: str, name: str) -> Voice:
         self._check_user_id(voice_id, "renamed")
