@@ -1,6 +1,7 @@
 """Each CSM-architecture model at each quality level (--codebooks): seconds per frame and real-time
 factor on random weights of the true sizes, and the weight bytes one frame reads, with what those
-bytes cost at the memory bandwidth of M-series Macs (a floor: generation is bandwidth-bound there).
+bytes cost in 8-bit and bfloat16 at the memory bandwidth of M4-series Macs: a floor on the real-time
+factor (frame time / 80 ms), as a frame of batch 1 is bound by reading its weights there.
 
     python benchmarks/family.py                                  # csm-1b and marvis-250m, float32
     python benchmarks/family.py --size marvis-250m --precision 8-bit --codebooks 32 8
@@ -37,8 +38,8 @@ MODELS = {
 }
 # Bytes per weight as MLX stores it: 8- and 4-bit carry a 16-bit scale and bias per group of 64.
 BYTES_PER_WEIGHT = {"float32": 4, "bfloat16": 2, "float16": 2, "8-bit": 1 + 4 / 64, "4-bit": 0.5 + 4 / 64}
-# Unified memory bandwidth, from Apple's specifications.
-MACS = {"M1-M3 (100 GB/s)": 100e9, "M4 (120 GB/s)": 120e9, "M4 Pro (273 GB/s)": 273e9, "M2-M4 Max (400+ GB/s)": 400e9}
+# On paper: (precision, Mac, its unified memory bandwidth from Apple's specifications).
+ON_PAPER = [("8-bit", "M4", 120e9), ("8-bit", "M4 Pro", 273e9), ("8-bit", "M4 Max", 546e9), ("bfloat16", "M4 Max", 546e9)]
 
 
 def stack_weights(t) -> int:
@@ -85,12 +86,13 @@ def main():
         for codebooks in args.codebooks:
             weights = frame_weights(model_args, codebooks)
             row = {"model": size, "codebooks": codebooks, "weights_read_M": weights / 1e6,
-                   "GB_per_frame": weights * BYTES_PER_WEIGHT[args.precision] / 1e9}
+                   f"GB_per_frame {args.precision}": weights * BYTES_PER_WEIGHT[args.precision] / 1e9}
             if measured:
                 per_frame = seconds_per_frame(model, codebooks, args.frames)
                 row.update(s_per_frame=per_frame, rtf=per_frame / (FRAME_MS / 1000))
-            for mac, bandwidth in MACS.items():
-                row[f"rtf_floor {mac}"] = row["GB_per_frame"] * 1e9 / bandwidth / (FRAME_MS / 1000)
+            for precision, mac, bandwidth in ON_PAPER:
+                seconds = weights * BYTES_PER_WEIGHT[precision] / bandwidth
+                row[f"rtf_floor {precision} {mac}"] = seconds / (FRAME_MS / 1000)
             rows.append(row)
             print(row, flush=True)
         if measured:
