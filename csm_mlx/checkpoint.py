@@ -105,7 +105,7 @@ def _check_sizes(args: ModelArgs, path: Path) -> None:
     positive_int("audio_vocab_size", args.audio_vocab_size, 65_536)
     if not 1 < args.audio_num_codebooks <= NUM_CODEBOOKS or args.audio_vocab_size < AUDIO_CODES:
         raise CheckpointError(f"{where}: {args.audio_num_codebooks} codebooks of {args.audio_vocab_size} codes; "
-                              f"Mimi has 2 to {NUM_CODEBOOKS} codebooks of at least {AUDIO_CODES} codes")
+                              f"a CSM model reads 2 to {NUM_CODEBOOKS} of Mimi's codebooks, of at least {AUDIO_CODES} codes")
     if args.decoder.max_seq_len < args.audio_num_codebooks:
         raise CheckpointError(f"{where}: the depth decoder's {args.decoder.max_seq_len} positions cannot hold "
                               f"{args.audio_num_codebooks} codebooks")
