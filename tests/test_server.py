@@ -639,8 +639,10 @@ def test_a_flood_keeps_mimi_instances_and_memory_within_the_bound(hub_cache, tmp
     """Two floods of 50 requests on --max-batch 2 --max-queue 8: each time some are served
     (some of those hang up mid-stream) and the rest refused, and one more connection drops while
     sending its body. The server never holds more than max-batch Mimi instances, its RSS stays
-    within FLOOD_RSS_MARGIN of a served request's and does not grow with the second flood, and its
-    log has no traceback."""
+    within FLOOD_RSS_MARGIN of a served request's, the RSS it settles at after the second flood is
+    within FLOOD_GROWTH of where it settled after the first, and its log has no traceback. (Peaks
+    are not compared across floods: over five floods in one server they varied by 120 MB with no
+    trend, and the RSS after each flood stayed within 40 MB.)"""
     server = ServeProcess(tmp_path, "--max-batch", "2", "--max-queue", "8")
     try:
         assert server.health["mimi"] == {"loaded": 2, "lent": 0, "peak": 2, "limit": 2}
@@ -659,6 +661,7 @@ def test_a_flood_keeps_mimi_instances_and_memory_within_the_bound(hub_cache, tmp
         with socket.create_connection(("127.0.0.1", int(server.url.rsplit(":", 1)[1]))) as dropped:
             dropped.sendall(b"POST /v1/audio/speech HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                             b"Content-Length: 1000\r\n\r\n{\"model\": ")
+        settled = []
         for n in range(2):
             if n:
                 peaks.append([])
@@ -666,14 +669,22 @@ def test_a_flood_keeps_mimi_instances_and_memory_within_the_bound(hub_cache, tmp
             served = [o for o in outcomes if isinstance(o, int)]
             assert len(outcomes) == 50 and all(size > 1000 for size in served), outcomes
             assert outcomes.count("refused") >= 1 and len(served) + outcomes.count("hung up") >= 10
+            deadline = time.time() + 10  # every response's audio thread done: its Mimi instance back
+            while httpx.get(server.url + "/health").json()["mimi"]["lent"] and time.time() < deadline:
+                time.sleep(0.1)
+            idle = []  # the least over a second idle: freed memory goes back to the system in steps
+            while len(idle) < 20:
+                idle.append(server.rss())
+                time.sleep(0.05)
+            settled.append(min(idle))
         done.set()
         watcher.join()
         health = httpx.get(server.url + "/health").json()
         assert health["mimi"]["peak"] <= 2 and health["mimi"]["loaded"] <= 2
-        first, second = max(peaks[0]), max(peaks[1])
-        print(f"RSS: {baseline >> 20} MiB after one request, {first >> 20} MiB peak in a flood, "
-              f"{second >> 20} in the next")
-        assert first - baseline < FLOOD_RSS_MARGIN and second - first < FLOOD_GROWTH, (baseline, first, second)
+        peak = max(max(p) for p in peaks)
+        print(f"RSS: {baseline >> 20} MiB after one request, {peak >> 20} MiB peak in the floods, "
+              f"{settled[0] >> 20} then {settled[1] >> 20} MiB after each")
+        assert peak - baseline < FLOOD_RSS_MARGIN and settled[1] - settled[0] < FLOOD_GROWTH, (baseline, peak, settled)
     finally:
         code, stderr = server.stop(signal.SIGINT)
     assert code == 0 and "Traceback" not in stderr and "ERROR" not in stderr, stderr
