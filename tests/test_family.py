@@ -8,6 +8,7 @@ change the code). MisoTTS runs at its documented widths (hidden 4096, 32/8 heads
 at full depth its float32 weights (33 GB) do not fit this machine.
 """
 
+import gc
 import json
 import shutil
 from dataclasses import replace
@@ -120,6 +121,10 @@ def family(request, tmp_path_factory, hub_cache, tokenizer_path):
     yield name, args, reference, source
     # other modules check what happens when Llama-3.2's tokenizer is not in the cache
     shutil.rmtree(hub_cache / "models--unsloth--Llama-3.2-1B", ignore_errors=True)
+    # gigabytes of weights: give them back before the next model (and the timing tests after)
+    del reference
+    gc.collect()
+    mx.clear_cache()
 
 
 @pytest.fixture(scope="module")
