@@ -14,6 +14,7 @@ import numpy as np
 from csm_mlx import hub
 from csm_mlx.api import CSM
 from csm_mlx.audio import AudioError, AudioWriter, check_output_path, fade_ends, read_audio, write_audio
+from csm_mlx.chat.microphone import MicrophoneError
 from csm_mlx.checkpoint import DTYPES, CheckpointError
 from csm_mlx.codec import SAMPLE_RATE, CodecError
 from csm_mlx.context import ContextError
@@ -26,7 +27,7 @@ from csm_mlx.voices import VOICES, presets
 from csm_mlx.watermark import PUBLIC_KEY, WatermarkError, format_key, parse_key
 
 USER_ERRORS = (PlaybackError, ValueError, CheckpointError, hub.HubError, AudioError, CodecError, TokenizerError,
-               ContextError, ScriptError)
+               ContextError, ScriptError, MicrophoneError)
 # options whose flag is not the option's own name
 FLAGS = {"chunk_frames": "--stream-chunk-frames"}
 

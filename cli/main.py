@@ -12,7 +12,7 @@ import sys
 from typing import Callable, List, Optional
 
 # subcommand -> module under cli/; anything else is text for `speak`
-COMMANDS = {"dialogue": "dialogue", "batch": "batch", "serve": "serve", "verify": "verify", "finetune": "finetune"}
+COMMANDS = {"chat": "chat", "dialogue": "dialogue", "batch": "batch", "serve": "serve", "verify": "verify", "finetune": "finetune"}
 
 
 def main(argv: Optional[List[str]] = None) -> int:

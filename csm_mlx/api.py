@@ -9,7 +9,7 @@
 import os
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Union
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Union
 
 import mlx.core as mx
 import numpy as np
@@ -257,12 +257,16 @@ class CSM:
         With the watermark on, audio is marked in blocks of one message (0.975 s; see
         watermark.StreamWatermarker): the first chunk comes once about 13 frames are generated
         instead of chunk_frames, and chunks then come in bursts of about one block."""
+        return self.audio(self.frames(text, speaker, context, **kwargs), chunk_frames)
+
+    def audio(self, frames: Iterable[np.ndarray], chunk_frames: int = 1) -> Iterator[np.ndarray]:
+        """Audio chunks (float32, chunk_frames * 1920 samples; the last may be shorter) for frames
+        as they come (from frames() or a Conversation's, say), decoded and marked as stream() does."""
         chunk_frames = check_options(chunk_frames=chunk_frames)["chunk_frames"]
-        source = self.frames(text, speaker, context, **kwargs)
 
         def chunks():
             pending = []
-            for frame in source:
+            for frame in frames:
                 pending.append(frame)
                 if len(pending) == chunk_frames:
                     yield stack_frames(pending)

@@ -49,16 +49,17 @@ def download(repo_id: str, allow_patterns: Optional[List[str]] = None) -> Path:
         ) from None
 
 
-def resolve_model(name: str) -> Path:
-    """A local checkpoint directory for name: an existing directory, or a hub repo id."""
+def resolve_model(name: str, files: List[str] = MODEL_FILES, what: str = "model") -> Path:
+    """A local checkpoint directory for name: an existing directory, or a hub repo id (files: the
+    repo's files to fetch). what names the model in errors ("speech recognizer", say)."""
     path = Path(name).expanduser()
     if path.is_dir():
         return path
     if path.exists():
-        raise HubError(f"{name} is a file, not a model directory: give the directory that holds config.json")
+        raise HubError(f"{name} is a file, not a {what} directory: give the directory that holds config.json")
     if _looks_local(name):
-        raise HubError(f"model directory {name} does not exist")
-    return download(name, MODEL_FILES)
+        raise HubError(f"{what} directory {name} does not exist")
+    return download(name, files)
 
 
 MIMI_REPO = "kyutai/moshiko-pytorch-bf16"

@@ -60,8 +60,11 @@ class Player:
         self._finished = False
         self._done = threading.Event()
         self._stream = None
+        self._stream_open = False
+        self._stopped = False
         self._stop = None
         self.underruns = 0
+        self.played = 0  # samples handed to the output so far
         self.started_at: Optional[float] = None
         self.start_delay: Optional[float] = None  # from the first chunk to the start of playback
 
@@ -87,7 +90,7 @@ class Player:
             self._produced += len(chunk)
         if self._first_chunk is None:
             self._first_chunk = (now, len(chunk))
-        if self._stream is None and self._ready(now):
+        if self._stream is None and not self._finished and self._ready(now):
             self._start(now)
 
     def _ready(self, now: float) -> bool:
@@ -108,6 +111,7 @@ class Player:
 
     def _start(self, now: float) -> None:
         self._stream, self._stop = self._open()
+        self._stream_open = True
         self.started_at = now
         self.start_delay = now - self._first_chunk[0]
         self._stream.start()
@@ -125,6 +129,7 @@ class Player:
                 if self._offset == len(chunk):
                     self._chunks.popleft()
                     self._offset = 0
+            self.played += filled
             finished = self._finished
         if filled < frames:
             out[filled:] = 0
@@ -136,19 +141,29 @@ class Player:
         """No more audio: play what is buffered to the end, then close."""
         with self._lock:
             self._finished = True
+            if self._stopped:
+                return
         if self._stream is None:
             if not self._produced:
                 return
             self._start(time.perf_counter())
         wait = timeout if timeout is not None else self.buffered_seconds + 5.0
         self._done.wait(wait)
-        self._stream.close()
+        self._close()
 
     def stop(self) -> None:
-        """Stop at once (Ctrl-C), dropping what is buffered."""
+        """Stop at once (Ctrl-C, a barge-in; from any thread), dropping what is buffered."""
         with self._lock:
             self._finished = True
             self._chunks.clear()
-        if self._stream is not None:
+            self._stopped = True
+            was_open, self._stream_open = self._stream_open, False
+        if was_open:
             self._stream.abort()
+            self._stream.close()
+
+    def _close(self) -> None:
+        with self._lock:  # a stop() from another thread may have closed it
+            was_open, self._stream_open = self._stream_open, False
+        if was_open:
             self._stream.close()
