@@ -3,6 +3,7 @@ special tokens, random Mimi weights in the real layout, and a local Hugging Face
 
 import hashlib
 import math
+import os
 import shutil
 import signal
 from pathlib import Path
@@ -86,6 +87,17 @@ def write_voice(path: Path, seconds: float = 0.5, seed: int = 0) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     sf.write(path, audio.astype(np.float32), 24_000, subtype="PCM_16")
     return path
+
+
+def alsa_env(tmp_path: Path, capture: bool) -> dict:
+    """The environment for a process whose audio output goes to ALSA's null device, or (capture)
+    through its file plugin into tmp_path/played.raw (float32), where this machine has no sound card."""
+    if capture:
+        conf = (DATA / "alsa-capture.conf").read_text().replace("PLAYED_RAW_PATH", str(tmp_path / "played.raw"))
+    else:
+        conf = (DATA / "alsa-null.conf").read_text()
+    (tmp_path / "alsa.conf").write_text(conf)
+    return {**os.environ, "ALSA_CONFIG_PATH": f"/usr/share/alsa/alsa.conf:{tmp_path / 'alsa.conf'}"}
 
 
 def interruptible() -> None:

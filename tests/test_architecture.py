@@ -8,7 +8,7 @@ ROOT = Path(__file__).parents[1]
 # the package's folders as installed (pyproject's package-dir)
 FOLDERS = {"csm_mlx": ROOT / "csm_mlx", "csm_mlx.cli": ROOT / "cli", "csm_mlx.convert": ROOT / "convert"}
 CORE = ["csm_mlx.frame_batch", "csm_mlx.sampling", "csm_mlx.utterance", "csm_mlx.prompt", "csm_mlx.context"]
-ABOVE_CORE = ["csm_mlx.api", "csm_mlx.engine", "csm_mlx.conversation", "csm_mlx.static_batch", "csm_mlx.server",
+ABOVE_CORE = ["csm_mlx.api", "csm_mlx.chat", "csm_mlx.engine", "csm_mlx.conversation", "csm_mlx.static_batch", "csm_mlx.server",
               "csm_mlx.cli", "csm_mlx.convert"]
 
 

@@ -17,6 +17,7 @@ import pytest
 import soundfile as sf
 
 from csm_mlx import CSM
+from csm_mlx.audio import join_turns, read_audio
 from csm_mlx.chat.local import LocalChat
 from csm_mlx.chat.microphone import Recording
 from csm_mlx.chat.recognizer import Recognizer
@@ -30,6 +31,7 @@ from csm_mlx.script import read_script
 from csm_mlx.text import split_sentences
 
 from chat_fixtures import espeak, make_language_model, make_whisper, speech_bounds
+from speech_fixtures import alsa_env
 
 CLI = str(Path(sys.executable).parent / "csm-mlx")
 RATE = 24_000
@@ -278,9 +280,30 @@ def test_the_saved_chat_is_a_dialogue_script(models, clips, tmp_path):
         Transcript(tmp_path / "saved")
 
 
-def run_cli(*args, env=None):
-    return subprocess.run([CLI, "chat", *args], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, **(env or {})})
+def run_cli(*args, env=None, command="chat"):
+    return subprocess.run([CLI, command, *args], capture_output=True, text=True, timeout=300, env=env)
+
+
+def test_chat_command_answers_a_recording_plays_it_and_saves_a_replayable_chat(models, clips, tmp_path):
+    _, recognizer, llm = models
+    wav = tmp_path / "question.wav"
+    sf.write(wav, np.concatenate([silence(0.3), clips["question"]]), RATE, subtype="FLOAT")
+    result = run_cli("--asr", str(recognizer.path), "--llm", str(llm), "--input-file", str(wav), "--save",
+                     str(tmp_path / "saved"), "--temperature", "0", "--max-audio-length-ms", "1200",
+                     "--max-tokens", "12", env=alsa_env(tmp_path, capture=True))
+    assert result.returncode == 0, result.stderr
+    script = read_script(tmp_path / "saved" / "chat.yaml")
+    assert [s.speaker for s in script] == [1, 0]
+    assert result.stdout.splitlines() == [f"you: {script[0].text}", f"csm: {script[1].text}"]
+    (_, stopped), = [e for e in feed(TurnDetector(), np.concatenate([read_audio(wav), silence(3)])) if isinstance(e[1], SpeechStopped)]
+    np.testing.assert_array_equal(script[0].audio, stopped.audio)  # the user's turn as the detector cut it
+    # PortAudio played the answer, watermarked, exactly as saved
+    played = np.fromfile(tmp_path / "played.raw", dtype=np.float32)
+    np.testing.assert_allclose(audible(played), audible(script[1].audio), atol=1e-6)
+    replay = run_cli(str(tmp_path / "saved" / "chat.yaml"), "-o", str(tmp_path / "replay.wav"), command="dialogue")
+    assert replay.returncode == 0, replay.stderr
+    replayed, _ = sf.read(tmp_path / "replay.wav", dtype="float32")
+    np.testing.assert_allclose(replayed, join_turns([s.audio for s in script], RATE), atol=1e-6)
 
 
 def test_chat_errors_are_one_line(models, clips, tmp_path):

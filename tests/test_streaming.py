@@ -1,6 +1,5 @@
 """Streaming decode, and playback through the real PortAudio path and a real-time paced output."""
 
-import os
 import signal
 import subprocess
 import sys
@@ -15,10 +14,9 @@ import soundfile as sf
 from csm_mlx import CSM
 from csm_mlx.player import Player
 
-from speech_fixtures import interruptible
+from speech_fixtures import alsa_env, interruptible
 
 CLI = str(Path(sys.executable).parent / "csm-mlx")
-SHARED_ALSA = Path(__file__).parent / "data"
 FRAMES = 12
 
 
@@ -37,15 +35,6 @@ def test_streamed_chunks_equal_one_shot_decode(csm, chunk_frames):
         chunks = list(csm.stream("Streaming test.", 0, chunk_frames=chunk_frames, **args))
         assert [len(c) for c in chunks[:-1]] == [chunk_frames * 1920] * (len(chunks) - 1)
         assert np.abs(np.concatenate(chunks) - expected).max() <= 1e-5
-
-
-def alsa_env(tmp_path, capture: bool):
-    if capture:
-        conf = (SHARED_ALSA / "alsa-capture.conf").read_text().replace("PLAYED_RAW_PATH", str(tmp_path / "played.raw"))
-    else:
-        conf = (SHARED_ALSA / "alsa-null.conf").read_text()
-    (tmp_path / "alsa.conf").write_text(conf)
-    return {**os.environ, "ALSA_CONFIG_PATH": f"/usr/share/alsa/alsa.conf:{tmp_path / 'alsa.conf'}"}
 
 
 PLAY_GENERATED = """
