@@ -9,6 +9,8 @@ import socket
 import sys
 from pathlib import Path
 
+from csm_mlx.chat.recognizer import DEFAULT_RECOGNIZER
+from csm_mlx.chat.responder import DEFAULT_LANGUAGE_MODEL, DEFAULT_SYSTEM
 from csm_mlx.options import check_options
 
 from .args import CliError, Parser, add_model_arguments, load
@@ -82,6 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: 10); a second signal stops at once")
     g.add_argument("--no-ui", action="store_true",
                    help="do not serve the web page at / (the API is the same either way)")
+    g = p.add_argument_group("voice chat (the /v1/realtime WebSocket, OpenAI Realtime events); off unless both are given")
+    g.add_argument("--asr", metavar="ID_OR_DIR", help=f"speech recognizer, an mlx-whisper model (e.g. {DEFAULT_RECOGNIZER})")
+    g.add_argument("--llm", metavar="ID_OR_DIR", help=f"language model, any mlx-lm model (e.g. {DEFAULT_LANGUAGE_MODEL})")
+    g.add_argument("--system", default=DEFAULT_SYSTEM, metavar="TEXT",
+                   help="the language model's system prompt, unless a session sets instructions (default: short, spoken answers)")
     add_model_arguments(p)
     g = p.add_mutually_exclusive_group()
     g.add_argument("-q", "--quiet", action="store_true", help="print errors only")
@@ -113,6 +120,17 @@ def is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
+def load_chat(args, engine):
+    """The voice chat's models, loaded on the engine's thread (where every MLX call runs)."""
+    from csm_mlx.chat.recognizer import Recognizer
+    from csm_mlx.chat.responder import Responder
+    from csm_mlx.server.realtime import ChatModels
+
+    logging.getLogger("csm_mlx").info("loading %s and %s", args.llm, args.asr)
+    responder = engine.call(lambda: Responder.load(args.llm, args.system))
+    return ChatModels(engine.call(lambda: Recognizer.load(args.asr)), responder, args.system)
+
+
 def run(args) -> None:
     try:  # the extra's packages, each checked here even where an earlier import cached ours
         import fastapi  # noqa: F401
@@ -131,13 +149,16 @@ def run(args) -> None:
     if not is_loopback(args.host) and not args.api_key:
         print(f"csm-mlx: warning: listening on {args.host} without --api-key: anyone who can reach this port can "
               "use the server", file=sys.stderr)
+    if bool(args.asr) != bool(args.llm):
+        raise CliError("voice chat needs both --asr and --llm")
     sock = listen(args.host, args.port)
     limit_malloc_arenas()  # before the engine's and the workers' threads exist
     csm = load(args)
     engine = csm.engine(options["batch_size"], max_queue=args.max_queue, prefill_chunk=args.prefill_chunk)
     try:
+        chat = load_chat(args, engine) if args.asr else None
         app = build_app(csm, engine, args.voices_dir, api_key=args.api_key, model_name=args.model_name,
-                        cors_origins=args.cors_origins, ui=not args.no_ui)
+                        cors_origins=args.cors_origins, ui=not args.no_ui, chat=chat)
         level = "warning" if args.quiet else "info" if args.verbose else "warning"
         logging.basicConfig(format="csm-mlx: %(message)s")
         logging.getLogger("csm_mlx").setLevel(logging.WARNING if args.quiet else logging.INFO)

@@ -259,9 +259,10 @@ class CSM:
         instead of chunk_frames, and chunks then come in bursts of about one block."""
         return self.audio(self.frames(text, speaker, context, **kwargs), chunk_frames)
 
-    def audio(self, frames: Iterable[np.ndarray], chunk_frames: int = 1) -> Iterator[np.ndarray]:
+    def audio(self, frames: Iterable[np.ndarray], chunk_frames: int = 1, mimi: Optional[Mimi] = None) -> Iterator[np.ndarray]:
         """Audio chunks (float32, chunk_frames * 1920 samples; the last may be shorter) for frames
-        as they come (from frames() or a Conversation's, say), decoded and marked as stream() does."""
+        as they come (from frames() or a Conversation's, say), decoded and marked as stream() does.
+        mimi: the instance whose streaming state decodes them (default: this object's)."""
         chunk_frames = check_options(chunk_frames=chunk_frames)["chunk_frames"]
 
         def chunks():
@@ -274,7 +275,7 @@ class CSM:
             if pending:
                 yield stack_frames(pending)
 
-        decoded = self.mimi.decode_chunks(chunks())
+        decoded = (mimi or self.mimi).decode_chunks(chunks())
         return decoded if self.watermarker is None else self._marked(decoded, chunk_frames * FRAME_SAMPLES)
 
     def _marked(self, decoded: Iterator[np.ndarray], size: int) -> Iterator[np.ndarray]:

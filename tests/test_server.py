@@ -47,9 +47,11 @@ def csm(hub_cache):
 class LiveServer:
     """uvicorn on 127.0.0.1 and a free port, in a thread of this process (sharing the loaded model)."""
 
-    def __init__(self, csm, voices_dir, max_batch=4, max_queue=1, api_key=None, transform=None, cors_origins=()):
+    def __init__(self, csm, voices_dir, max_batch=4, max_queue=1, api_key=None, transform=None, cors_origins=(),
+                 chat=None):
         self.engine = csm.engine(max_batch, max_queue=max_queue, prefill_chunk=8)
-        app = build_app(csm, self.engine, voices_dir, api_key=api_key, transform=transform, cors_origins=cors_origins)
+        app = build_app(csm, self.engine, voices_dir, api_key=api_key, transform=transform, cors_origins=cors_origins,
+                        chat=chat(self.engine) if chat else None)
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"

@@ -35,6 +35,8 @@ class Responder:
 
         self.model, self.tokenizer = model, tokenizer
         self.max_tokens, self.max_context_tokens = max_tokens, max_context_tokens
+        self._options = dict(max_tokens=max_tokens, max_context_tokens=max_context_tokens, temperature=temperature,
+                             seed=seed)
         self.messages: List[Dict[str, str]] = [{"role": "system", "content": system}] if system else []
         self._sampler = make_sampler(temp=temperature)
         self._seed = seed
@@ -52,6 +54,10 @@ class Responder:
         except (FileNotFoundError, ValueError, KeyError) as e:
             raise ResponderError(f"language model {name} does not load with mlx-lm ({' '.join(str(e).split())})") from None
         return cls(model, tokenizer, system, **options)
+
+    def copy(self, system: str) -> "Responder":
+        """A new chat over the same model and settings, with this system prompt."""
+        return Responder(self.model, self.tokenizer, system, **self._options)
 
     def reply(self, user_text: str) -> Iterator[Optional[str]]:
         """Answer user_text: yields None after each token that completes no sentence, and each

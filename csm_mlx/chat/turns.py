@@ -138,6 +138,15 @@ class TurnDetector:
         while self._recent and self._recent_samples - len(self._recent[0]) >= self._keep:
             self._recent_samples -= len(self._recent.popleft())
 
+    def end_turn(self) -> Optional[SpeechStopped]:
+        """End the open turn now (a client committing it), with the audio so far; None if none is open."""
+        if self._turn is None:
+            return None
+        audio = np.concatenate(self._turn)
+        self._turn = None
+        self._speech_run = self._silence_run = 0
+        return SpeechStopped(self._turn_start + len(audio), audio)
+
     def reset(self) -> None:
         """Forget any open turn (after a barge-in was handled, say); timing goes on."""
         self._turn = None

@@ -13,12 +13,12 @@ ahead of playback, the language model writes its next sentence; otherwise CSM ma
 import collections
 import math
 import time
-from typing import Deque, Iterator, List, Optional
+from typing import Deque, Iterator, List, Optional, Union
 
 import numpy as np
 
 from ..api import CSM
-from ..codec import FRAME_SAMPLES, SAMPLE_RATE
+from ..codec import FRAME_SAMPLES, SAMPLE_RATE, Mimi
 from ..prompt import TokenizedSegment
 from ..segment import Segment
 from .recognizer import Recognizer
@@ -32,13 +32,16 @@ class VoiceChat:
     prompt (a pinned Segment of assistant_speaker), speech_options go to CSM for every sentence
     (temperature, top_k, codebooks, ...)."""
 
-    def __init__(self, csm: CSM, recognizer: Recognizer, responder: Responder, voice: Optional[Segment] = None,
-                 *, assistant_speaker: int = 0, user_speaker: int = 1, lead_s: float = 1.0, **speech_options):
+    def __init__(self, csm: CSM, recognizer: Recognizer, responder: Responder,
+                 voice: Union[Segment, TokenizedSegment, None] = None, *, assistant_speaker: int = 0,
+                 user_speaker: int = 1, lead_s: float = 1.0, **speech_options):
         self.csm, self.recognizer, self.responder = csm, recognizer, responder
         self.assistant_speaker, self.user_speaker = assistant_speaker, user_speaker
         self.lead_s = lead_s
         self.speech_options = dict(speech_options, chunk_chars=0)  # one sentence, one CSM turn
-        self.conversation = csm.conversation([voice] if voice is not None else [])
+        self.conversation = csm.conversation([voice] if isinstance(voice, Segment) else [])
+        if isinstance(voice, TokenizedSegment):  # already encoded (a server's voice)
+            self.conversation.history.append(voice)
 
     def hear(self, audio: np.ndarray) -> str:
         """Transcribe a user's turn (24 kHz mono float32); a turn with words joins CSM's context."""
@@ -47,9 +50,14 @@ class VoiceChat:
             self.conversation.add(Segment(self.user_speaker, text, np.asarray(audio, np.float32)))
         return text
 
-    def reply(self, user_text: str) -> "Reply":
-        """The assistant's answer to user_text: iterate it for audio chunks (24 kHz float32)."""
-        return Reply(self, user_text)
+    def read(self, text: str) -> None:
+        """A typed user turn: it joins CSM's context as text alone."""
+        self.conversation.add(Segment(self.user_speaker, text))
+
+    def reply(self, user_text: str, mimi: Optional[Mimi] = None) -> "Reply":
+        """The assistant's answer to user_text: iterate it for audio chunks (24 kHz float32).
+        mimi: the Mimi instance that decodes it (default: the CSM object's)."""
+        return Reply(self, user_text, mimi)
 
 
 class Reply:
@@ -57,7 +65,7 @@ class Reply:
     (with the watermark, in bursts of about a second); sentences lists the sentences begun so far.
     cut(heard) ends it early: what follows the first `heard` samples leaves both contexts."""
 
-    def __init__(self, chat: VoiceChat, user_text: str):
+    def __init__(self, chat: VoiceChat, user_text: str, mimi: Optional[Mimi] = None):
         self._chat = chat
         self.sentences: List[str] = []
         self.frames = 0  # frames generated
@@ -66,7 +74,7 @@ class Reply:
         self._answer = chat.responder.reply(user_text)
         self._answer_done = False
         self._ready: Deque[str] = collections.deque()  # sentences written, not yet spoken
-        self._audio = chat.csm.audio(self._frames())
+        self._audio = chat.csm.audio(self._frames(), mimi=mimi)
 
     def __iter__(self) -> Iterator[np.ndarray]:
         return self._audio

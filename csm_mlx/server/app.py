@@ -25,7 +25,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
-from fastapi import FastAPI, Request as HttpRequest
+from fastapi import FastAPI, Request as HttpRequest, WebSocket
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
@@ -44,6 +44,7 @@ from ..watermark import SAMPLE_RATE as WATERMARK_RATE, WatermarkError, check_ver
 from .encoders import FORMATS, MEDIA_TYPES, WavEncoder
 from .stream import AudioTransform, run_audio
 from .mimi_pool import MimiPool
+from .realtime import ChatModels, realtime
 from .ui import UI_PREFIX, add_ui
 from .voices import VoiceError, VoiceStore
 
@@ -251,9 +252,10 @@ class Server:
     """What the routes share: the model, the engine, the voices and the Mimi pool."""
 
     def __init__(self, csm: CSM, engine: Engine, voices: VoiceStore, pool: MimiPool, model_name: str,
-                 transform: Optional[Callable[[], AudioTransform]] = None):
+                 transform: Optional[Callable[[], AudioTransform]] = None, chat: Optional[ChatModels] = None):
         self.csm, self.engine, self.voices, self.pool = csm, engine, voices, pool
         self.model_name, self.transform = model_name, transform
+        self.chat = chat  # the voice chat's models (serve --asr --llm); None: /v1/realtime says how to add them
 
     def context(self, speech: SpeechRequest) -> List[TokenizedSegment]:
         """The voice (pinned), then the context turns; runs on a worker thread (Mimi encodes)."""
@@ -320,6 +322,10 @@ def create_app(server: Server) -> FastAPI:
     async def on_error(_, e: Exception):
         log.error("unexpected error: %r", e)
         return ApiError(500, f"internal error: {e}", None, "server_error").response()
+
+    @app.websocket("/v1/realtime")
+    async def realtime_session(ws: WebSocket):
+        await realtime(ws, server, server.chat)
 
     @app.get("/health")
     async def health():
@@ -540,6 +546,8 @@ class Guard:
         self.app, self.api_key = app, api_key
 
     async def __call__(self, scope, receive, send):
+        if scope["type"] == "websocket":
+            return await self._websocket(scope, receive, send)
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
@@ -572,22 +580,37 @@ class Guard:
         except StreamAborted:
             pass
 
+    async def _websocket(self, scope, receive, send):
+        """A browser cannot set headers on a WebSocket: as with OpenAI's, the key may come as the
+        subprotocol openai-insecure-api-key.KEY. Refused connections get HTTP 403."""
+        if self.api_key:
+            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+            scheme, _, key = headers.get("authorization", "").strip().partition(" ")
+            offered = [p.partition("openai-insecure-api-key.")[2] for p in scope.get("subprotocols", [])
+                       if p.startswith("openai-insecure-api-key.")]
+            keys = ([key.strip()] if scheme.lower() == "bearer" else []) + offered
+            if not any(hmac.compare_digest(k.encode(), self.api_key.encode()) for k in keys):
+                await receive()  # websocket.connect
+                return await send({"type": "websocket.close", "code": 1008})
+        return await self.app(scope, receive, send)
+
 
 def build_app(csm: CSM, engine: Engine, voices_dir, *, api_key: Optional[str] = None, model_name: str = "csm-1b",
               transform: Optional[Callable[[], AudioTransform]] = None, cors_origins: Sequence[str] = (),
-              ui: bool = True):
+              ui: bool = True, chat: Optional[ChatModels] = None):
     """The ASGI app to serve: the routes behind the guard, and CORS in front of it when origins
     are given (a preflight carries no API key; the request after it must). Unless transform says
     otherwise, a model loaded with its watermark marks every response as CSM.stream does (blocks
     of one message), the marking run on the engine's thread. Mimi instances: one per row of the
-    batch, all loaded up front, so the server's memory is fixed by --max-batch. ui: the web page at /."""
+    batch, all loaded up front, so the server's memory is fixed by --max-batch. ui: the web page at /.
+    chat: the speech recognizer and language model of /v1/realtime's voice chat."""
     if transform is None and csm.watermarker is not None:
         def transform():
             return csm.watermarker.stream(csm.watermark_key, csm.sample_rate, run=engine.call)
     pool = MimiPool(csm.mimi.path, size=engine.max_batch, preload=engine.max_batch, run=engine.call,
                     num_codebooks=csm.mimi.num_codebooks)
     voices = VoiceStore(voices_dir, pool, lambda name: csm.voice(name).audio, csm.voices())
-    api = create_app(Server(csm, engine, voices, pool, model_name, transform))
+    api = create_app(Server(csm, engine, voices, pool, model_name, transform, chat))
     if ui:
         add_ui(api)
     app = Guard(api, api_key)
