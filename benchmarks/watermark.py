@@ -7,7 +7,7 @@
 Rows: csm-mlx's Watermarker.watermark (24 kHz in: resampling to 44.1 kHz and back included) and
 SilentCipher's encode_wav (44.1 kHz in) per second of audio; the share of a csm-1b frame (80 ms of
 audio, --frame-seconds per frame as benchmarked in README.md) that embedding those 80 ms costs;
-one streamed block (0.975 s, what the first streamed chunk waits for). verify: one decoder pass
+a stream's first region (what its first chunk waits for) and a whole stream marked 80 ms at a time. verify: one decoder pass
 (search "none"; SilentCipher: decode_wav without phase_shift_decoding), the fast search when
 nothing stops it early (its worst case; passes counted), and the reference's 205-pass search
 (timed over --reference-offsets offsets and scaled to 205 unless --full). With --weights, the
@@ -28,7 +28,7 @@ import soxr
 import torch
 
 from csm_mlx.audio import read_audio
-from csm_mlx.watermark import PHASE_OFFSETS, PUBLIC_KEY, SAMPLE_RATE, StreamWatermarker, Watermarker
+from csm_mlx.watermark import HOP, PHASE_OFFSETS, PUBLIC_KEY, REACH, SAMPLE_RATE, Watermarker
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
 from watermark_fixtures import reference_model, write_silentcipher  # noqa: E402
@@ -83,13 +83,24 @@ def main():
                                                             message_sdr=36)[0])
     for name, t in (("csm-mlx (24 kHz in and out)", mlx_time), ("SilentCipher encode_wav (torch, 44.1 kHz)", ref_time)):
         print(f"| {name} | {t / seconds:.3f} | {t / seconds * 0.08 / args.frame_seconds:.1%} |")
-    block = audio_44k[: StreamWatermarker.BLOCK]
-    block_time, _ = timed(lambda: wm.encode(block, PUBLIC_KEY))
-    print(f"| one streamed block (0.975 s) | {block_time:.3f} s | |")
+    first = audio_44k[: HOP + REACH]
+    first_time, _ = timed(lambda: wm.encode(first, PUBLIC_KEY))
+    print(f"| a stream's first region (46 ms, in a {(HOP + REACH) / SAMPLE_RATE:.2f} s window) | {first_time:.3f} s | |")
+
+    def streamed():
+        marker = wm.stream(PUBLIC_KEY)
+        pieces = [marker.feed(audio_24k[i : i + 1920]) for i in range(0, len(audio_24k), 1920)]
+        return np.concatenate(pieces + [marker.flush()])
+    stream_time, stream_marked = timed(streamed)
+    print(f"| a stream, 80 ms at a time | {stream_time / seconds:.3f} | {stream_time / seconds * 0.08 / args.frame_seconds:.1%} |")
     ours = wm.encode(audio_44k, PUBLIC_KEY)
+    round_trip = soxr.resample(soxr.resample(audio_24k, 24_000, SAMPLE_RATE, quality="HQ"), SAMPLE_RATE, 24_000,
+                               quality="HQ")[: len(audio_24k)]
     print(f"\nmax |csm-mlx encode - encode_wav| on this clip: {np.abs(ours - ref_marked).max():.1e}; "
           f"SNR of the mark (24 kHz, vs the resampling round trip) "
-          f"{snr(soxr.resample(audio_44k, SAMPLE_RATE, 24_000, quality='HQ')[: len(audio_24k)], marked_24k):.1f} dB\n")
+          f"{snr(soxr.resample(audio_44k, SAMPLE_RATE, 24_000, quality='HQ')[: len(audio_24k)], marked_24k):.1f} dB; "
+          f"the streamed mark vs the whole clip's: {snr(marked_24k - round_trip, stream_marked - round_trip):.1f} dB "
+          f"(the mark's own size over the difference)\n")
 
     passes = []
     logits = wm._logits
@@ -129,6 +140,8 @@ def main():
         print("\nthe mark, with the real weights (key found / expected):")
         found, confidence = wm.verify(marked_24k, 24_000)
         print(f"  csm-mlx verify of csm-mlx's watermark(): {found} (confidence {confidence:.2f}) / {PUBLIC_KEY}")
+        found, confidence = wm.verify(stream_marked, 24_000)
+        print(f"  csm-mlx verify of a stream marked 80 ms at a time: {found} (confidence {confidence:.2f})")
         for name, _, _, result in rows:
             if result is not None:
                 print(f"  {name}, on the unmarked clip: {result}")

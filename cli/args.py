@@ -20,6 +20,7 @@ from csm_mlx.codec import SAMPLE_RATE, CodecError
 from csm_mlx.context import ContextError
 from csm_mlx.options import FRAME_MS, RULES, OptionError, check_options, check_text
 from csm_mlx.player import PlaybackError
+from csm_mlx.recognizer import DEFAULT_RECOGNIZER, Recognizer
 from csm_mlx.script import ScriptError, read_script
 from csm_mlx.segment import Segment
 from csm_mlx.tokenizer import TokenizerError
@@ -193,20 +194,42 @@ def add_context_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--context-speaker", action="append", default=[], type=non_negative_int, metavar="N",
                    help="speaker of that turn (repeatable; default: --speaker)")
     g.add_argument("--conversation", metavar="FILE", help="JSON/YAML list of turns {speaker, text, audio}")
+    g.add_argument("--asr", default=DEFAULT_RECOGNIZER, metavar="ID_OR_DIR",
+                   help="speech recognizer that transcribes --context-audio given without --context-text, an "
+                        f"mlx-whisper model (default: {DEFAULT_RECOGNIZER}; needs the chat extra)")
 
 
 
 def read_context(args) -> List[Segment]:
-    if len(args.context_audio) != len(args.context_text):
-        raise CliError("give one --context-text for each --context-audio")
+    """The context the flags give; --context-audio without any --context-text is transcribed."""
+    if args.context_text and len(args.context_audio) != len(args.context_text):
+        raise CliError("give one --context-text for each --context-audio (or none, to have them transcribed)")
     if args.context_speaker and len(args.context_speaker) != len(args.context_audio):
         raise CliError("give one --context-speaker for each --context-audio, or none")
     segments = read_script(args.conversation) if args.conversation else []
     speakers = args.context_speaker or [args.speaker] * len(args.context_audio)
     # Explicit context sets the voice: pinned, while a conversation's older turns may be dropped.
-    for audio, text, speaker in zip(args.context_audio, args.context_text, speakers):
-        segments.append(Segment(speaker, text, read_audio(audio), pinned=True, source=Path(audio)))
+    clips = [read_audio(audio) for audio in args.context_audio]
+    texts = args.context_text or transcripts(args, clips)
+    for path, clip, text, speaker in zip(args.context_audio, clips, texts, speakers):
+        segments.append(Segment(speaker, text, clip, pinned=True, source=Path(path)))
     return segments
+
+
+def transcripts(args, clips: Sequence[np.ndarray]) -> List[str]:
+    """What each clip says, by the --asr recognizer; a clip with no words is an error."""
+    if not clips:
+        return []
+    recognizer = Recognizer.load(args.asr)
+    texts = []
+    for path, clip in zip(args.context_audio, clips):
+        text = recognizer.transcribe(clip)
+        if not text:
+            raise CliError(f"no words were recognized in --context-audio {path}: give its --context-text")
+        if not args.quiet:
+            print(f"csm-mlx: {path} says: {text}", file=sys.stderr)
+        texts.append(text)
+    return texts
 
 
 def context_inputs(args, segments: Iterable[Segment]) -> List[Path]:

@@ -5,7 +5,7 @@ import sys
 
 from csm_mlx.chat.local import ECHO_MODES, LocalChat
 from csm_mlx.chat.microphone import Microphone, Recording
-from csm_mlx.chat.recognizer import DEFAULT_RECOGNIZER, Recognizer
+from csm_mlx.recognizer import DEFAULT_RECOGNIZER, Recognizer
 from csm_mlx.chat.responder import DEFAULT_LANGUAGE_MODEL, DEFAULT_SYSTEM, Responder
 from csm_mlx.chat.transcript import Transcript
 from csm_mlx.chat.turns import TurnSettings

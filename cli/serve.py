@@ -9,7 +9,7 @@ import socket
 import sys
 from pathlib import Path
 
-from csm_mlx.chat.recognizer import DEFAULT_RECOGNIZER
+from csm_mlx.recognizer import DEFAULT_RECOGNIZER
 from csm_mlx.chat.responder import DEFAULT_LANGUAGE_MODEL, DEFAULT_SYSTEM
 from csm_mlx.options import check_options
 
@@ -84,8 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: 10); a second signal stops at once")
     g.add_argument("--no-ui", action="store_true",
                    help="do not serve the web page at / (the API is the same either way)")
-    g = p.add_argument_group("voice chat (the /v1/realtime WebSocket, OpenAI Realtime events); off unless both are given")
-    g.add_argument("--asr", metavar="ID_OR_DIR", help=f"speech recognizer, an mlx-whisper model (e.g. {DEFAULT_RECOGNIZER})")
+    g = p.add_argument_group("voice chat (the /v1/realtime WebSocket, OpenAI Realtime events; on with both "
+                             "--asr and --llm)")
+    g.add_argument("--asr", metavar="ID_OR_DIR", help=f"speech recognizer, an mlx-whisper model (e.g. {DEFAULT_RECOGNIZER}); "
+                                                      "alone, it transcribes voice clips uploaded without a transcript")
     g.add_argument("--llm", metavar="ID_OR_DIR", help=f"language model, any mlx-lm model (e.g. {DEFAULT_LANGUAGE_MODEL})")
     g.add_argument("--system", default=DEFAULT_SYSTEM, metavar="TEXT",
                    help="the language model's system prompt, unless a session sets instructions (default: short, spoken answers)")
@@ -121,13 +123,14 @@ def is_loopback(host: str) -> bool:
 
 
 def load_chat(args, engine):
-    """The voice chat's models, loaded on the engine's thread (where every MLX call runs)."""
-    from csm_mlx.chat.recognizer import Recognizer
+    """The speech recognizer and (with --llm) the language model, loaded on the engine's thread
+    (where every MLX call runs)."""
+    from csm_mlx.recognizer import Recognizer
     from csm_mlx.chat.responder import Responder
     from csm_mlx.server.realtime import ChatModels
 
-    logging.getLogger("csm_mlx").info("loading %s and %s", args.llm, args.asr)
-    responder = engine.call(lambda: Responder.load(args.llm, args.system))
+    logging.getLogger("csm_mlx").info("loading %s", ", ".join(filter(None, [args.asr, args.llm])))
+    responder = engine.call(lambda: Responder.load(args.llm, args.system)) if args.llm else None
     return ChatModels(engine.call(lambda: Recognizer.load(args.asr)), responder, args.system)
 
 
@@ -149,8 +152,8 @@ def run(args) -> None:
     if not is_loopback(args.host) and not args.api_key:
         print(f"csm-mlx: warning: listening on {args.host} without --api-key: anyone who can reach this port can "
               "use the server", file=sys.stderr)
-    if bool(args.asr) != bool(args.llm):
-        raise CliError("voice chat needs both --asr and --llm")
+    if args.llm and not args.asr:
+        raise CliError("--llm needs --asr: voice chat hears the user through the speech recognizer")
     sock = listen(args.host, args.port)
     limit_malloc_arenas()  # before the engine's and the workers' threads exist
     csm = load(args)

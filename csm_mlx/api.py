@@ -23,6 +23,7 @@ from .engine import Engine
 from .finetune import adapters
 from .options import OptionError, check_options, check_texts
 from .prompt import TokenizedSegment, stack_frames
+from .recognizer import Recognizer
 from .segment import Segment, Speech, check_segments
 from .models import Model
 from .static_batch import speak_all
@@ -37,7 +38,9 @@ class CSM:
     sample_rate = SAMPLE_RATE
 
     def __init__(self, model: Model, tokenizer: TextTokenizer, mimi: Mimi, model_dir: Optional[Path] = None,
-                 watermarker: Optional[Watermarker] = None, watermark_key: Sequence[int] = PUBLIC_KEY):
+                 watermarker: Optional[Watermarker] = None, watermark_key: Sequence[int] = PUBLIC_KEY,
+                 recognizer: Optional[Recognizer] = None):
+        self.recognizer = recognizer  # transcribes context audio given without text
         self.model = model
         self.tokenizer = tokenizer
         self.mimi = mimi
@@ -56,6 +59,7 @@ class CSM:
         watermark: bool = True,
         watermark_key: Optional[Sequence[int]] = None,
         adapter_path: Optional[os.PathLike] = None,
+        asr: Optional[str] = None,
     ) -> "CSM":
         """Load a model (hub id, or a directory in original, transformers or MLX format).
 
@@ -67,7 +71,9 @@ class CSM:
         Like the reference, all speech is watermarked (SilentCipher, with the reference's public
         key unless watermark_key gives your own 5 bytes), so that it can be identified as
         AI-generated; its weights come from beside the model, else from the hub. watermark=False
-        turns it off. adapter_path: a directory `csm-mlx finetune` wrote, applied to the model."""
+        turns it off. adapter_path: a directory `csm-mlx finetune` wrote, applied to the model.
+        asr: a speech recognizer (an mlx-whisper model id or directory; the `chat` extra) that
+        transcribes context segments given with audio and text=None."""
         key = check_key(PUBLIC_KEY if watermark_key is None else watermark_key)
         if not isinstance(model, (str, os.PathLike)):
             raise OptionError("model", f"must be a hub id or a directory, got {type(model).__name__}")
@@ -90,8 +96,9 @@ class CSM:
             csm_model.set_dtype(mx.float32)
         if adapter_path is not None:
             adapters.load_adapters(csm_model, adapter_path)
+        recognizer = Recognizer.load(asr) if asr is not None else None
         return cls(csm_model, TextTokenizer(tokenizer_path, speaker_space), Mimi(mimi_path, args.audio_num_codebooks),
-                   model_dir, watermarker, key)
+                   model_dir, watermarker, key, recognizer)
 
     def voices(self) -> Dict[str, str]:
         """Name -> transcript of the voice presets: the model repo's own prompt clips, then those
@@ -108,6 +115,19 @@ class CSM:
         filename = f"prompts/{name}.wav"
         return Segment(speaker, VOICES[name], read_audio(hub.download(hub.DEFAULT_MODEL, [filename]) / filename),
                        pinned=True)
+
+    def transcribe(self, audio: np.ndarray) -> str:
+        """The words of 24 kHz audio, by the speech recognizer CSM.load(asr=...) loaded."""
+        if self.recognizer is None:
+            raise OptionError("asr", "is needed to transcribe audio: load with CSM.load(asr=...), e.g. "
+                                     "asr='mlx-community/whisper-large-v3-turbo', or give the transcript")
+        return self.recognizer.transcribe(audio)
+
+    def _transcribed(self, segments: Sequence[Segment], param: str = "context") -> List[Segment]:
+        """The segments checked, those with audio and no text transcribed (a voice clip, say)."""
+        segments = check_segments(segments, param)
+        return [replace(s, text=self.transcribe(s.audio)) if s.text is None and s.audio is not None else s
+                for s in segments]
 
     def tokenize(self, segment: Segment) -> TokenizedSegment:
         """A context turn as the model reads it (its audio encoded with Mimi)."""
@@ -127,7 +147,7 @@ class CSM:
 
     def conversation(self, context: Sequence[Segment] = ()) -> Conversation:
         """A conversation to speak turn after turn, each generated turn becoming context."""
-        return Conversation(self.model, self.tokenizer, self.mimi, check_segments(context), speech=self.speech)
+        return Conversation(self.model, self.tokenizer, self.mimi, self._transcribed(context), speech=self.speech)
 
     def frames(self, text: str, speaker: int = 0, context: Sequence[Segment] = (), **kwargs) -> Iterator[np.ndarray]:
         """Mimi frames (32,) of text spoken by speaker after the context, as they are generated;
@@ -211,7 +231,7 @@ class CSM:
 
     def _utterances(self, texts: Sequence[str], speaker: int, context: Sequence[Segment], options: dict):
         """One utterance per text after the same context (tokenized once); all checked first."""
-        history = [self.tokenize(s) for s in check_segments(context)]
+        history = [self.tokenize(s) for s in self._transcribed(context)]
         window = self.model.args.backbone.max_seq_len
         return [make_utterance(self.tokenizer, self.mimi, t, speaker, history, window=window, **options) for t in texts]
 
@@ -223,8 +243,8 @@ class CSM:
         are); the others are generated. voices are pinned prompts, e.g. one per speaker.
         Yields each turn's Speech as soon as it is done; arguments as for Conversation.frames.
         Turns and voices of the wrong type fail here, not at the first turn."""
-        turns = check_segments(turns, "turns")
-        conversation = self.conversation([replace(v, pinned=True) for v in check_segments(voices, "voices")])
+        turns = self._transcribed(turns, "turns")
+        conversation = self.conversation([replace(v, pinned=True) for v in self._transcribed(voices, "voices")])
 
         def speak():
             nonlocal seed
@@ -254,9 +274,9 @@ class CSM:
         Decoding is Mimi's streaming decoder: one state for the whole stream, reset when a
         stream starts, so chunks join with no seam. One stream at a time per CSM object.
 
-        With the watermark on, audio is marked in blocks of one message (0.975 s; see
-        watermark.StreamWatermarker): the first chunk comes once about 13 frames are generated
-        instead of chunk_frames, and chunks then come in bursts of about one block."""
+        With the watermark on, audio is marked region by region (see watermark.StreamWatermarker):
+        the first chunk comes once 7 frames are generated instead of chunk_frames, and
+        chunks then come in bursts of up to a region (8 STFT hops, 0.37 s)."""
         return self.audio(self.frames(text, speaker, context, **kwargs), chunk_frames)
 
     def audio(self, frames: Iterable[np.ndarray], chunk_frames: int = 1, mimi: Optional[Mimi] = None) -> Iterator[np.ndarray]:

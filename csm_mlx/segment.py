@@ -13,12 +13,13 @@ from .options import RULES, OptionError
 class Segment:
     """One turn of a conversation: who spoke, what they said, and (for context) how it sounded.
 
-    audio is 24 kHz mono float32; use csm_mlx.audio.read_audio to load any file.
+    audio is 24 kHz mono float32; use csm_mlx.audio.read_audio to load any file. text None (with
+    audio): transcribed by the speech recognizer CSM.load(asr=...) loaded.
     A pinned segment (a voice prompt) is never dropped to fit the context window.
     source is the file the audio was read from, if any (so that no output overwrites it)."""
 
     speaker: int
-    text: str
+    text: Optional[str]
     audio: Optional[np.ndarray] = None
     pinned: bool = False
     source: Optional[Path] = None

@@ -375,9 +375,12 @@ class Watermarker:
 
     # embedding
 
-    def encode(self, audio_44k: np.ndarray, key: Sequence[int], message_sdr: float = MESSAGE_SDR) -> np.ndarray:
+    def encode(self, audio_44k: np.ndarray, key: Sequence[int], message_sdr: float = MESSAGE_SDR,
+               first_frame: int = 0) -> np.ndarray:
         """Mark 44.1 kHz mono audio with key: SilentCipher's encode_wav(audio, 44100, key,
-        calc_sdr=False, message_sdr). Silence comes back as it is."""
+        calc_sdr=False, message_sdr). Silence comes back as it is. first_frame: the STFT frame of
+        a longer stream the audio starts at (its first sample is first_frame * HOP of it), so that
+        each frame carries the stream's symbol for it; 0 is the reference's."""
         symbols = message_symbols(key)
         y, power = _normalize_power(audio_44k)
         if power == 0:
@@ -387,7 +390,8 @@ class Watermarker:
         frames = spec.shape[0]
         carrier = magnitude.T[None, :, :, None]  # (1, bins, frames, 1)
         linear = self.encoder.message
-        band = (linear.weight[:, mx.array(symbols[np.arange(frames) % MESSAGE_LEN])] + linear.bias[:, None])
+        band = (linear.weight[:, mx.array(symbols[(first_frame + np.arange(frames)) % MESSAGE_LEN])]
+                + linear.bias[:, None])
         message = mx.concatenate([band, mx.zeros((BINS - BAND, frames))])[None, :, :, None]
         encoded = run_layers(self.encoder.layers, carrier)
         h = run_layers(self.decoder.layers, mx.concatenate([encoded, carrier, message], axis=-1))[0, :, :, 0]
@@ -566,48 +570,89 @@ def _fit(audio: np.ndarray, length: int) -> np.ndarray:
     return np.concatenate([audio, np.zeros(length - len(audio), np.float32)])
 
 
+# A marked frame depends on the carrier of the 6 frames on each side (six 3x3 convolutions in time:
+# the carrier encoder's 3, the carrier decoder's 3), and a hop's samples on the frame after it.
+REACH = 7 * HOP
+
+
+def stream_regions() -> Iterator[int]:
+    """Where a stream's marked regions end, in 44.1 kHz samples: after 1, 2, 4 and 8 hops (46 ms
+    to 0.37 s), then every 8 hops. Small at first, so that the first audio waits little; then
+    larger, so that the windows' overlap costs less (each region is marked in a window of the
+    region and REACH on both sides: 2.75x the work of marking the stream at once)."""
+    yield from (HOP, 2 * HOP, 4 * HOP)
+    end = 8 * HOP
+    while True:
+        yield end
+        end += 8 * HOP
+
+
 class StreamWatermarker:
     """Marks audio that arrives in pieces, for streaming and playback.
 
     The pieces are resampled to 44.1 kHz as one stream (soxr's stream gives the samples of a
-    one-shot resampling), marked in blocks of one message (21 STFT hops, 43008 samples, 0.975 s;
-    the message restarts in each block, which keeps it in step with the stream's own frame grid),
-    and resampled back as one stream. Output lags input by up to one block; flush() marks the
-    rest. In total the output has as many samples as the input. run(mark) calls mark(), the MLX
-    work, where MLX may run: a server passes its engine's call, so one thread keeps every MLX call."""
-
-    BLOCK = MESSAGE_LEN * HOP
+    one-shot resampling) and marked region by region (see stream_regions), each region in a
+    window reaching REACH (7 hops, 0.33 s) on both sides of it: as far as the marking model sees,
+    so a region waits only for 0.33 s of audio after it, and its frames carry the stream's own
+    symbols (first_frame). The regions are on a fixed grid, so the output does not depend on how
+    the audio arrives. Each window is normalised (power, BatchNorm) on its own, as the reference
+    normalises a clip: the mark differs a little from the whole clip's (benchmarks/watermark.py
+    measures how much). Marked audio is resampled back as one stream; flush() marks the rest. In
+    total the output has as many samples as the input. run(mark) calls mark(), the MLX work,
+    where MLX may run: a server passes its engine's call, so one thread keeps every MLX call."""
 
     def __init__(self, watermarker: Watermarker, key: Sequence[int], sample_rate: int = 24_000,
                  run: Callable[[Callable[[], np.ndarray]], np.ndarray] = lambda mark: mark()):
         self.watermarker, self.key, self.run = watermarker, check_key(key), run
         self.up = soxr.ResampleStream(sample_rate, SAMPLE_RATE, 1, dtype="float32", quality="HQ")
         self.down = soxr.ResampleStream(SAMPLE_RATE, sample_rate, 1, dtype="float32", quality="HQ")
-        self.pending = np.zeros(0, np.float32)
+        self.kept = np.zeros(0, np.float32)  # the 44.1 kHz stream from kept_from on
+        self.kept_from = 0
+        self.received = 0  # 44.1 kHz samples so far
+        self.marked = 0  # 44.1 kHz samples marked so far (a region's end)
+        self.regions = stream_regions()
+        self.region_end = next(self.regions)
         self.samples_in = self.samples_out = 0
 
-    def _marked(self, blocks: List[np.ndarray], last: bool) -> np.ndarray:
-        marked = [self.run(lambda b=b: self.watermarker.encode(b, self.key)) for b in blocks]
-        out = self.down.resample_chunk(np.concatenate(marked) if marked else np.zeros(0, np.float32), last=last)
+    def _mark(self, end: int) -> np.ndarray:
+        """The region from self.marked to end, marked in its window."""
+        start = max(0, self.marked - REACH)  # a multiple of HOP: the window's frames are the stream's
+        window = self.kept[start - self.kept_from : end + REACH - self.kept_from]
+        marked = self.run(lambda: self.watermarker.encode(window, self.key, first_frame=start // HOP))
+        region = marked[self.marked - start : end - start]
+        self.marked = end
+        drop = max(0, self.marked - REACH) - self.kept_from
+        self.kept, self.kept_from = self.kept[drop:], self.kept_from + drop
+        return region
+
+    def _out(self, regions: List[np.ndarray], last: bool) -> np.ndarray:
+        out = self.down.resample_chunk(np.concatenate(regions) if regions else np.zeros(0, np.float32), last=last)
         self.samples_out += len(out)
         return out
+
+    def _receive(self, audio_44k: np.ndarray) -> None:
+        self.kept = np.concatenate([self.kept, audio_44k])
+        self.received += len(audio_44k)
 
     def feed(self, audio: np.ndarray) -> np.ndarray:
         """Marked audio that is ready (possibly none) after adding audio."""
         audio = np.asarray(audio, np.float32)
         self.samples_in += len(audio)
-        self.pending = np.concatenate([self.pending, self.up.resample_chunk(audio)])
-        whole = len(self.pending) // self.BLOCK * self.BLOCK
-        blocks = [self.pending[i : i + self.BLOCK] for i in range(0, whole, self.BLOCK)]
-        self.pending = self.pending[whole:]
-        return self._marked(blocks, last=False)
+        self._receive(self.up.resample_chunk(audio))
+        regions = []
+        while self.received >= self.region_end + REACH:
+            regions.append(self._mark(self.region_end))
+            self.region_end = next(self.regions)
+        return self._out(regions, last=False)
 
     def flush(self) -> np.ndarray:
-        """The rest of the marked audio: the last block may be shorter than a message."""
-        rest = np.concatenate([self.pending, self.up.resample_chunk(np.zeros(0, np.float32), last=True)])
-        self.pending = np.zeros(0, np.float32)
-        blocks = [rest[i : i + self.BLOCK] for i in range(0, len(rest), self.BLOCK)]
-        out = self._marked(blocks, last=True)
+        """The rest of the marked audio: its last region ends where the stream does."""
+        self._receive(self.up.resample_chunk(np.zeros(0, np.float32), last=True))
+        regions = []
+        while self.marked < self.received:
+            regions.append(self._mark(min(self.region_end, self.received)))
+            self.region_end = next(self.regions)
+        out = self._out(regions, last=True)
         missing = self.samples_in - (self.samples_out - len(out))
         self.samples_out = self.samples_in
         return _fit(out, max(missing, 0))

@@ -5,12 +5,15 @@ import asyncio
 import base64
 import json
 
+import httpx2 as httpx
 import numpy as np
 import pytest
+import soundfile as sf
 import websockets
 
 from csm_mlx import CSM
-from csm_mlx.chat.recognizer import Recognizer
+from csm_mlx.audio import read_audio
+from csm_mlx.recognizer import Recognizer
 from csm_mlx.chat.responder import Responder
 from csm_mlx.chat.turns import SpeechStopped, TurnDetector
 from csm_mlx.codec import FRAME_SAMPLES
@@ -225,5 +228,24 @@ def test_without_a_recognizer_and_a_language_model_one_error_then_close(parts, t
         assert event["type"] == "error" and "--asr" in event["error"]["message"] and "--llm" in event["error"]["message"]
         (event,) = asyncio.run(connect(additional_headers={"Authorization": "Bearer key"}))
         assert event["error"]["code"] == "realtime_unavailable"
+        sf.write(tmp_path / "me.wav", parts[3]["question"], RATE)
+        with open(tmp_path / "me.wav", "rb") as f:
+            refused = httpx.post(live.url + "/v1/audio/voices", data={"name": "me"}, headers={"Authorization": "Bearer key"},
+                                 files={"audio_sample": ("me.wav", f, "audio/wav")}, timeout=60)
+        assert refused.status_code == 400 and "--asr" in refused.json()["error"]["message"]
     finally:
         live.stop()
+
+
+def test_a_voice_uploaded_without_a_transcript_is_transcribed(server, parts, tmp_path):
+    _, whisper, _, clips = parts
+    path = tmp_path / "me.wav"
+    sf.write(path, clips["question"], RATE, subtype="PCM_16")
+    with open(path, "rb") as f:
+        made = httpx.post(server.url + "/v1/audio/voices", data={"name": "me"},
+                          files={"audio_sample": ("me.wav", f, "audio/wav")}, timeout=120)
+    assert made.status_code == 200, made.text
+    expected = Recognizer(whisper, fp16=False).transcribe(read_audio(path))
+    assert made.json()["transcript"] == expected != ""
+    listed = {v["name"]: v for v in httpx.get(server.url + "/v1/audio/voices").json()["data"]}
+    assert listed["me"]["transcript"] == expected

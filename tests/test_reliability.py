@@ -172,7 +172,7 @@ CLI_CASES = [
     (["Hi", "-o", "{ws}/out.wav", "--context-audio", "{ws}/nan.wav", "--context-text", "x"], "NaN or infinite samples"),
     (["Hi", "-o", "{ws}/out.wav", "--context-audio", "{ws}/long.wav", "--context-text", "x"], "is 170 s long"),
     (["Hi", "-o", "{ws}/out.wav", "--context-audio", "{ws}/a_dir", "--context-text", "x"], "a_dir is a directory"),
-    (["Hi", "-o", "{ws}/out.wav", "--context-audio", "{ws}/voice.wav"], "give one --context-text"),
+    (["Hi", "-o", "{ws}/out.wav", "--context-audio", "{ws}/voice.wav"], "whisper-large-v3-turbo is not in the local hub cache"),
     (["Hi", "-o", "{ws}/voice.wav", "--context-audio", "{ws}/voice.wav", "--context-text", "x"], "is also an input"),
     (["Hi", "-o", "{ws}/voice.wav", "--conversation", "{ws}/turn.json"], "is also an input"),
     (["Hi", "-o", "{ws}/out.wav", "--conversation", "{ws}/latin1.txt"], "is not UTF-8"),

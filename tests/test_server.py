@@ -159,7 +159,7 @@ def test_a_flac_response_opens_in_every_reader_as_the_wav_response(live):
 
 
 def test_a_watermarked_model_marks_every_response_as_its_stream_does(csm, tmp_path):
-    """Marked in blocks of one message, as CSM.stream marks, with the MLX work on the engine's
+    """Marked region by region, as CSM.stream marks, with the MLX work on the engine's
     thread. The reference marks the unmarked response's audio in one go with the same key."""
     marked_csm = CSM.load(watermark_key=[1, 2, 3, 4, 5])
     server = LiveServer(marked_csm, tmp_path)
@@ -609,7 +609,9 @@ def stream_in_background(url: str, seconds: int = 60):
 # other batch size's buffers, threads, queued frames, encoders and the watermark's work; less
 # than one more Mimi instance per row (~450 MB each). A second flood may add at most FLOOD_GROWTH.
 FLOOD_RSS_MARGIN = 2**30
-FLOOD_GROWTH = 96 * 2**20
+# Where a server's RSS settles after a flood moves by itself: -122 to +151 MB from one flood to the
+# next (glibc returns freed pages in steps). A leak of 5 MB a request would pass this in one flood.
+FLOOD_GROWTH = 256 * 2**20
 
 
 def flood(server, requests: int = 50) -> list:
@@ -644,7 +646,7 @@ def test_a_flood_keeps_mimi_instances_and_memory_within_the_bound(hub_cache, tmp
     within FLOOD_RSS_MARGIN of a served request's, the RSS it settles at after the second flood is
     within FLOOD_GROWTH of where it settled after the first, and its log has no traceback. (Peaks
     are not compared across floods: over five floods in one server they varied by 120 MB with no
-    trend, and the RSS after each flood stayed within 40 MB.)"""
+    trend.)"""
     server = ServeProcess(tmp_path, "--max-batch", "2", "--max-queue", "8")
     try:
         assert server.health["mimi"] == {"loaded": 2, "lent": 0, "peak": 2, "limit": 2}

@@ -25,6 +25,10 @@ from csm_mlx.audio import read_audio_blocks
 from csm_mlx.codec import Mimi
 from csm_mlx.script import read_script
 from csm_mlx.watermark import SAMPLE_RATE as WATERMARK_RATE
+from csm_mlx.chat.responder import Responder
+from csm_mlx.recognizer import Recognizer
+from csm_mlx.server.realtime import ChatModels
+from chat_fixtures import espeak, make_language_model, make_whisper
 from speech_fixtures import write_voice
 from test_server import LiveServer, ServeProcess, assert_pcm_close, goes_idle, pcm16
 
@@ -62,19 +66,24 @@ def downloads(tmp_path_factory):
     return tmp_path_factory.mktemp("downloads")
 
 
-@pytest.fixture(scope="module")
-def browser(downloads):
+def chromium(downloads, *flags):
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,800",
                  "--autoplay-policy=no-user-gesture-required", "--disable-gpu",
-                 # the microphone allowed without asking, and a fake one that beeps
-                 "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream"):
+                 # the microphone allowed without asking, and a fake one (that beeps, unless given a file)
+                 "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream", *flags):
         options.add_argument(flag)
     options.add_experimental_option("prefs", {"download.default_directory": str(downloads),
                                               "download.prompt_for_download": False})
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     driver.set_script_timeout(30)
+    return driver
+
+
+@pytest.fixture(scope="module")
+def browser(downloads):
+    driver = chromium(downloads)
     yield driver
     driver.quit()
 
@@ -445,3 +454,50 @@ def test_no_ui_turns_the_page_off_and_leaves_the_api(hub_cache, tmp_path):
     finally:
         code, stderr = server.stop(signal.SIGINT)
     assert code == 0, stderr
+
+
+RECORD_EVENTS = """window.realtimeEvents = [];
+const Native = window.WebSocket;
+window.WebSocket = class extends Native {
+  constructor(...args) {
+    super(...args);
+    this.addEventListener("message", ({ data }) => window.realtimeEvents.push(JSON.parse(data)));
+  }
+};"""
+
+
+def test_talk_converses_through_the_microphone_over_the_realtime_socket(csm, downloads, tmp_path):
+    """Chromium's fake microphone plays espeak-ng speech; the page streams it to /v1/realtime and
+    shows and plays what the server sends (recorded beside the page, as it arrives)."""
+    speech = espeak(tmp_path / "espeak.wav", "Hello there. What is the weather like today?")
+    clip = tmp_path / "microphone.wav"
+    sf.write(clip, np.concatenate([np.zeros(12_000), speech, np.zeros(72_000)]), 24_000, subtype="PCM_16")
+    folder = tmp_path / "models"
+    whisper, llm = make_whisper(folder / "whisper"), make_language_model(folder / "llm")
+
+    def chat(engine):
+        responder = engine.call(lambda: Responder.load(str(llm), "Be brief.", max_tokens=12, seed=0))
+        return ChatModels(engine.call(lambda: Recognizer.load(str(whisper))), responder, "Be brief.",
+                          dict(temperature=0, max_audio_length_ms=2000))
+    server = LiveServer(csm, tmp_path / "voices", chat=chat)
+    driver = chromium(downloads, f"--use-file-for-fake-audio-capture={clip}%noloop")
+    try:
+        driver.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": RECORD_EVENTS})
+        open_view(driver, server.url, "talk")
+        driver.find_element(By.ID, "talk-start").click()
+        wait(driver, lambda d: d.execute_script(
+            "return window.realtimeEvents.some((e) => e.type === 'response.done')"), 120, "a response")
+        events = driver.execute_script("return window.realtimeEvents")
+        you = driver.find_element(By.CSS_SELECTOR, "#talk-lines li.you span").text
+        said = driver.find_element(By.CSS_SELECTOR, "#talk-lines li.csm span").text
+        driver.find_element(By.ID, "talk-stop").click()
+        assert not shown_error(driver, "talk")
+    finally:
+        driver.quit()
+        server.stop()
+    kinds = [e["type"] for e in events]
+    transcript = next(e["transcript"] for e in events if e["type"].endswith("transcription.completed"))
+    assert you == transcript != ""
+    assert said == "".join(e["delta"] for e in events if e["type"] == "response.audio_transcript.delta") != ""
+    assert kinds.index("input_audio_buffer.speech_started") < kinds.index("response.created")
+    assert sum(len(e["delta"]) for e in events if e["type"] == "response.audio.delta") > 0

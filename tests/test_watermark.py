@@ -374,13 +374,21 @@ def run_cli(*args):
     return cli_main([str(a) for a in args])
 
 
-def marked_in_blocks(wm, unmarked, key=PUBLIC_KEY):
-    """A stream's marking, done at once: resampled to 44.1 kHz as a whole, marked in blocks of
-    43008 samples (the last shorter), resampled back."""
+def marked_in_regions(wm, unmarked, key=PUBLIC_KEY):
+    """A stream's marking, done at once: resampled to 44.1 kHz as a whole; each region of the
+    grid (1, 2, 4, 8, 16, 24, ... hops) marked in a window 7 hops wider on both sides, its frames
+    carrying the stream's symbols; resampled back."""
     up = soxr.resample(unmarked, 24_000, 44_100, quality="HQ")
-    block = watermark.StreamWatermarker.BLOCK
-    marked_up = np.concatenate([wm.encode(up[i : i + block], key) for i in range(0, len(up), block)])
-    return soxr.resample(marked_up, 44_100, 24_000, quality="HQ")[: len(unmarked)]
+    hop, reach = watermark.HOP, 7 * watermark.HOP
+    ends = [hop, 2 * hop, 4 * hop] + list(range(8 * hop, len(up) + 8 * hop, 8 * hop))
+    parts, start = [], 0
+    for end in (min(e, len(up)) for e in ends):
+        if start < end:
+            low = max(0, start - reach)
+            window = up[low : end + reach]
+            parts.append(wm.encode(window, key, first_frame=low // hop)[start - low : end - low])
+        start = end
+    return soxr.resample(np.concatenate(parts), 44_100, 24_000, quality="HQ")[: len(unmarked)]
 
 
 def test_cli_output_is_the_marked_no_watermark_output(hub_cache, wm, tmp_path):
@@ -392,8 +400,8 @@ def test_cli_output_is_the_marked_no_watermark_output(hub_cache, wm, tmp_path):
 
     unmarked, default, private = audio("plain", "--no-watermark"), audio("marked"), audio("private", "--watermark-key",
                                                                                           "1,2,3,4,5")
-    np.testing.assert_allclose(default, marked_in_blocks(wm, unmarked), atol=1e-5)
-    np.testing.assert_allclose(private, marked_in_blocks(wm, unmarked, OTHER_KEY), atol=1e-5)
+    np.testing.assert_allclose(default, marked_in_regions(wm, unmarked), atol=1e-5)
+    np.testing.assert_allclose(private, marked_in_regions(wm, unmarked, OTHER_KEY), atol=1e-5)
     assert np.abs(private - default).max() > 1e-3
     # the mark is embedded 36 dB below the signal (per frame, and it only attenuates); resampling
     # to 44.1 kHz and back also drops what lies near 12 kHz, where random Mimi weights put much
@@ -419,13 +427,12 @@ def test_api_results_are_marked(plain, marked, wm):
     np.testing.assert_allclose(turns[1].audio, wm.watermark(unmarked, PUBLIC_KEY), atol=1e-5)
 
 
-def test_stream_is_marked_in_blocks_of_one_message(plain, marked, wm):
-    """The stream is resampled to 44.1 kHz as a whole, marked in 43008-sample blocks (the last
-    shorter) and resampled back: the chunks are exactly that, whatever their size."""
-    args = dict(temperature=0, max_audio_length_ms=14 * 80)  # 1.12 s: a block and a shorter one
+def test_stream_is_marked_region_by_region(plain, marked, wm):
+    """The stream is resampled to 44.1 kHz as a whole, marked region by region on a fixed grid,
+    each in its window, and resampled back: the chunks are exactly that, whatever their size."""
+    args = dict(temperature=0, max_audio_length_ms=14 * 80)  # 1.12 s: 6 regions, the last cut short
     unmarked = np.concatenate(list(plain.stream("Stream it.", 0, **args)))
-    expected = marked_in_blocks(wm, unmarked)
-    assert len(unmarked) * 44_100 / 24_000 > watermark.StreamWatermarker.BLOCK
+    expected = marked_in_regions(wm, unmarked)
     for chunk_frames in (1, 7):
         chunks = list(marked.stream("Stream it.", 0, chunk_frames=chunk_frames, **args))
         assert [len(c) for c in chunks[:-1]] == [chunk_frames * 1920] * (len(chunks) - 1)
@@ -433,6 +440,42 @@ def test_stream_is_marked_in_blocks_of_one_message(plain, marked, wm):
         assert len(streamed) == len(unmarked) == 14 * 1920
         np.testing.assert_allclose(streamed, expected, atol=1e-5)
     assert np.abs(streamed - unmarked).max() > 1e-3
+
+
+def test_a_marked_stream_waits_only_for_the_marking_models_reach(plain, marked):
+    """The first chunk comes once the first region (one hop, 46 ms at 44.1 kHz) and the 7 hops the
+    marking model sees beyond it are there: 4.6 frames and the resamplers' delays, 7 frames in all
+    (0.56 s of audio), not the 13 a block of one message needed."""
+    frames = list(plain.frames("Stream it.", 0, temperature=0, max_audio_length_ms=14 * 80))
+    pulled = []
+
+    def source():
+        for frame in frames:
+            pulled.append(frame)
+            yield frame
+    first = next(iter(marked.audio(source())))
+    assert len(first) == 1920
+    assert len(pulled) <= 7, len(pulled)
+
+
+def test_a_streamed_mark_is_the_whole_clips_within_a_small_part_of_it(plain, wm):
+    """Each region is normalised (power, BatchNorm) in its own window: how far that moves the mark
+    from the one the whole clip gets at once, beside marking in separate blocks of one message."""
+    unmarked = plain.generate("A longer clip to mark.", 0, temperature=0, max_audio_length_ms=40 * 80).audio
+    whole = wm.watermark(unmarked, PUBLIC_KEY)
+    marker = wm.stream(PUBLIC_KEY)
+    streamed = np.concatenate([marker.feed(unmarked[i : i + 1920]) for i in range(0, len(unmarked), 1920)]
+                              + [marker.flush()])
+    up = soxr.resample(unmarked, 24_000, 44_100, quality="HQ")
+    block = watermark.MESSAGE_LEN * watermark.HOP
+    in_blocks = soxr.resample(np.concatenate([wm.encode(up[i : i + block], PUBLIC_KEY)
+                                              for i in range(0, len(up), block)]), 44_100, 24_000, quality="HQ")
+    round_trip = soxr.resample(up, 44_100, 24_000, quality="HQ")[: len(unmarked)]
+    mark = whole - round_trip
+    streamed_db, blocks_db = snr_db(mark, streamed - round_trip), snr_db(mark, in_blocks[: len(unmarked)] - round_trip)
+    print(f"the mark over its difference from the whole clip's: streamed {streamed_db:.1f} dB, "
+          f"in blocks of one message {blocks_db:.1f} dB")
+    assert streamed_db > 6 and streamed_db > blocks_db  # measured: 7.8 dB, and 4.0 dB in blocks
 
 
 def test_verify_exit_codes(hub_cache, tmp_path, capsys):

@@ -9,7 +9,7 @@
         ...
 """
 
-from .recognizer import Recognizer, RecognizerError
+from ..recognizer import Recognizer, RecognizerError
 from .responder import Responder, ResponderError
 from .voice_chat import Reply, VoiceChat
 

@@ -21,7 +21,7 @@ from ..api import CSM
 from ..codec import FRAME_SAMPLES, SAMPLE_RATE, Mimi
 from ..prompt import TokenizedSegment
 from ..segment import Segment
-from .recognizer import Recognizer
+from ..recognizer import Recognizer
 from .responder import Responder
 
 FRAME_SECONDS = FRAME_SAMPLES / SAMPLE_RATE
@@ -70,6 +70,7 @@ class Reply:
         self.sentences: List[str] = []
         self.frames = 0  # frames generated
         self.first_frame: Optional[float] = None  # perf_counter time of the first frame
+        self.first_sentence_at: Optional[float] = None  # perf_counter time the language model completed one
         self._history_start = len(chat.conversation.history)
         self._answer = chat.responder.reply(user_text)
         self._answer_done = False
@@ -104,6 +105,8 @@ class Reply:
             return
         if sentence is not None:
             self._ready.append(sentence)
+            if self.first_sentence_at is None:
+                self.first_sentence_at = time.perf_counter()
 
     def _ahead(self) -> float:
         """Seconds of audio made beyond what has played, playback having started at the first frame."""

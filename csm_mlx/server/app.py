@@ -92,9 +92,10 @@ SPEECH_SCHEMA = _json_body({
 })
 VOICE_SCHEMA = _json_body({
     "type": "object",
-    "required": ["name", "transcript", "audio_sample"],
+    "required": ["name", "audio_sample"],
     "properties": {"name": {"type": "string", "maxLength": MAX_VOICE_NAME_CHARS},
-                   "transcript": {"type": "string", "description": "what the clip says"},
+                   "transcript": {"type": "string", "description": "what the clip says (may be left out on a server "
+                                                                  "started with --asr: the clip is transcribed)"},
                    "audio_sample": {"type": "string", "format": "binary", "description": "WAV, FLAC, OGG or MP3"}},
 }, "multipart/form-data")
 VERIFY_SCHEMA = _json_body({"type": "object", "required": ["file"],
@@ -361,8 +362,13 @@ def create_app(server: Server) -> FastAPI:
         transcript = form.get("transcript")
         clip = form.get("audio_sample")
         name = voice_name(name)
-        if not isinstance(transcript, str) or not transcript.strip():
-            raise ApiError(400, "transcript must be the text the clip says: CSM clones a voice from both", "transcript")
+        recognizer = server.chat.recognizer if server.chat is not None else None
+        if transcript is not None and not isinstance(transcript, str):
+            raise ApiError(400, "transcript must be text, the words the clip says", "transcript")
+        transcript = (transcript or "").strip()
+        if not transcript and recognizer is None:
+            raise ApiError(400, "transcript must be the text the clip says: CSM clones a voice from both "
+                                "(a server started with --asr transcribes clips sent without one)", "transcript")
         if len(transcript) > MAX_INPUT_CHARS:
             raise ApiError(400, f"transcript is longer than {MAX_INPUT_CHARS} characters", "transcript")
         if not isinstance(clip, UploadFile):
@@ -378,13 +384,17 @@ def create_app(server: Server) -> FastAPI:
                 audio = decode_audio(data, "audio_sample", max_seconds=None)
             except AudioError as e:
                 raise ApiError(400, str(e), "audio_sample", "invalid_audio") from None
-            return server.voices.create(name, transcript.strip(), audio)
+            text = transcript or server.engine.call(lambda: recognizer.transcribe(audio))
+            if not text:
+                raise ApiError(400, "no words were recognized in audio_sample: send its transcript", "transcript")
+            return server.voices.create(name, text, audio)
 
         try:
             voice = await run_in_threadpool(create)
         except VoiceError as e:
             raise api_error(e) from None
-        return {"object": "audio.voice", "id": voice.id, "name": voice.name, "created_at": voice.created_at}
+        return {"object": "audio.voice", "id": voice.id, "name": voice.name, "created_at": voice.created_at,
+                "transcript": voice.transcript}
 
     @app.patch("/v1/audio/voices/{voice_id}", openapi_extra=RENAME_SCHEMA)
     async def rename_voice(voice_id: str, http: HttpRequest):

@@ -21,7 +21,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from ..chat.recognizer import Recognizer
+from ..recognizer import Recognizer
 from ..chat.responder import Responder
 from ..chat.turns import SpeechStarted, SpeechStopped, TurnDetector, TurnSettings
 from ..chat.voice_chat import VoiceChat
@@ -48,8 +48,8 @@ def new_id(prefix: str) -> str:
 class ChatModels:
     """What every session shares: the recognizer and the language model (a Responder to copy)."""
 
-    recognizer: Recognizer
-    responder: Responder  # each session's is a copy, with the session's instructions
+    recognizer: Recognizer  # also transcribes voice clips uploaded without a transcript
+    responder: Optional[Responder]  # each session's is a copy, with its instructions; None: no /v1/realtime
     system: str
     speech: dict = field(default_factory=dict)  # CSM's options for every sentence (temperature, ...)
 
@@ -412,7 +412,7 @@ HANDLERS = {
 async def realtime(ws: WebSocket, server, models: Optional[ChatModels]) -> None:
     """One /v1/realtime connection, from accept to close."""
     await ws.accept(subprotocol="realtime" if "realtime" in ws.scope.get("subprotocols", []) else None)
-    if models is None:
+    if models is None or models.responder is None:
         await ws.send_text(json.dumps({"type": "error", "event_id": new_id("event"), "error": {
             "type": "invalid_request_error", "code": "realtime_unavailable", "message": NEEDS_MODELS, "param": None}}))
         await ws.close(code=1011)

@@ -1,12 +1,13 @@
-// The page: a view per hash (#speak, #voices, #dialogue, #history, #verify), each calling the API.
+// The page: a view per hash (#speak, #talk, #voices, #dialogue, #history, #verify), each calling the API.
 import { ApiError, getJson, request, showError } from "./api.js";
 import { Player, progressLine, save, streamSpeech, wav } from "./audio.js";
 import { addEntry, allEntries, removeEntry } from "./store.js";
 import { setupDialogue } from "./dialogue.js";
 import { MAX_SECONDS, MIN_SECONDS, Recorder } from "./record.js";
+import { Talk } from "./talk.js";
 
 const $ = (id) => document.getElementById(id);
-const VIEWS = ["speak", "voices", "dialogue", "history", "verify"];
+const VIEWS = ["speak", "talk", "voices", "dialogue", "history", "verify"];
 const player = new Player();
 
 function route() {
@@ -377,10 +378,48 @@ function setupVerify() {
   });
 }
 
+// ---- talk ----
+
+function setupTalk() {
+  const start = $("talk-start"), stop = $("talk-stop"), lines = $("talk-lines"), status = $("talk-status");
+  const talk = new Talk({
+    onLine(role, text, id) {
+      let line = lines.querySelector(`[data-id="${CSS.escape(id)}"]`);
+      if (!line) {
+        line = Object.assign(document.createElement("li"), { className: role });
+        line.dataset.id = id;
+        line.append(Object.assign(document.createElement("strong"), { textContent: role === "you" ? "You: " : "CSM: " }),
+                    document.createElement("span"));
+        lines.append(line);
+      }
+      line.lastChild.textContent = text;
+    },
+    onStatus(text) { status.textContent = text; },
+    onError(e) { showError($("talk-error"), e); },
+    onStop() { running(false); },
+  });
+  function running(on) {
+    start.disabled = on;
+    stop.disabled = !on;
+  }
+  start.addEventListener("click", async () => {
+    showError($("talk-error"), null);
+    running(true);
+    try {
+      await talk.start($("talk-voice").value, $("talk-instructions").value.trim());
+    } catch (e) {
+      talk.stop();
+      showError($("talk-error"), e);
+    }
+  });
+  stop.addEventListener("click", () => talk.stop());
+}
+
 window.addEventListener("hashchange", route);
 route();
 setupSpeak();
 setupVoiceForm();
 setupVerify();
+setupTalk();
 setupDialogue({ player, settings, validSettings, fillPickers, voiceName });
 loadVoices();

@@ -7,7 +7,7 @@ export const MIN_SECONDS = 1;
 export const MAX_SECONDS = 60; // the server refuses longer voice clips
 
 /** getUserMedia's refusals in words a person can act on. */
-function microphoneError(e) {
+export function microphoneError(e) {
   const reasons = {
     NotAllowedError: "the page may not use the microphone: allow it in the browser's site settings and try again",
     SecurityError: "the page may not use the microphone: allow it in the browser's site settings and try again",

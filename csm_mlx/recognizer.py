@@ -13,8 +13,8 @@ import mlx.core as mx
 import numpy as np
 import soxr
 
-from .. import hub
-from ..codec import SAMPLE_RATE
+from . import hub
+from .codec import SAMPLE_RATE
 
 DEFAULT_RECOGNIZER = "mlx-community/whisper-large-v3-turbo"
 WHISPER_RATE = 16_000

@@ -1,0 +1,131 @@
+"""The latency of a voice-chat turn, broken down, on random weights (nothing is downloaded).
+
+    python benchmarks/chat_latency.py --csm tiny              # the pipeline's own overhead
+    python benchmarks/chat_latency.py --csm csm-1b --turns 2  # with CSM at its true size
+
+The user is espeak-ng speech followed by silence, fed in 20 ms blocks as a microphone would. For
+each turn it prints when, after the last sound of the user's speech, the turn was detected, the
+transcript was ready, the language model's first sentence was complete and the first audio chunk
+was ready to play; then the models' own work measured alone on the same inputs (the recognizer on
+the turn's audio, the language model to its first sentence, CSM's first frame and its decode), and
+the overhead: the time from detection to first audio that is none of that work. The speech
+recognizer and the language model are tiny random models in mlx-whisper's and mlx-lm's formats
+(their real sizes' costs are the published ones, see benchmarks/README.md).
+"""
+
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import csm_mlx  # noqa: F401  (loads the fast BLAS before mlx.core)
+import mlx.core as mx
+import numpy as np
+
+from csm_mlx.api import CSM
+from csm_mlx.audio import read_audio
+from csm_mlx.recognizer import Recognizer
+from csm_mlx.chat.responder import Responder
+from csm_mlx.chat.turns import SpeechStopped, TurnDetector, TurnSettings
+from csm_mlx.chat.voice_chat import VoiceChat
+from csm_mlx.codec import Mimi
+from csm_mlx.models import Model
+from csm_mlx.segment import Segment
+from csm_mlx.tokenizer import TextTokenizer
+
+sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
+from bench import SIZES, print_table, with_precision  # noqa: E402
+from chat_fixtures import espeak, make_language_model, make_whisper, speech_bounds  # noqa: E402
+from speech_fixtures import make_mimi, make_tokenizer, write_voice  # noqa: E402
+
+RATE = 24_000
+BLOCK = 480  # 20 ms
+QUESTION = "Hello there. What is the weather like today?"
+
+
+def build(size: str, precision: str, folder: Path):
+    model = with_precision(Model(SIZES[size]()), precision)
+    csm = CSM(model, TextTokenizer(make_tokenizer(folder / "tokenizer.json")),
+              Mimi(make_mimi(folder / "mimi.safetensors")))
+    recognizer = Recognizer.load(str(make_whisper(folder / "whisper")))
+    llm = make_language_model(folder / "llm")
+    clip = read_audio(write_voice(folder / "voice.wav", seconds=3.0))
+    voice = csm.tokenize(Segment(0, "A voice prompt.", clip, pinned=True))
+    return csm, recognizer, llm, voice
+
+
+def one_turn(csm, recognizer, llm, voice, audio, speech_end: int, settings: TurnSettings) -> dict:
+    chat = VoiceChat(csm, recognizer, Responder.load(str(llm), max_tokens=24, seed=0), voice, temperature=0)
+    detector = TurnDetector(settings)
+    stopped = None
+    start = time.perf_counter()
+    for at in range(0, len(audio), BLOCK):  # in real time: block n arrives at start + n * 20 ms
+        time.sleep(max(0.0, start + at / RATE - time.perf_counter()))
+        events = [e for e in detector.feed(audio[at:at + BLOCK]) if isinstance(e, SpeechStopped)]
+        if events:
+            stopped = events[0]
+            break
+    detected = time.perf_counter()
+    spoke = start + speech_end / RATE  # when the last sound of the speech came in
+    text = chat.hear(stopped.audio)
+    transcribed = time.perf_counter()
+    reply = chat.reply(text or "Hello.")
+    first_chunk = next(iter(reply))
+    audio_ready = time.perf_counter()
+    sentence = reply.first_sentence_at
+    reply.cut(len(first_chunk))
+    # the models' own work, alone, on the same inputs
+    t0 = time.perf_counter()
+    recognizer.transcribe(stopped.audio)
+    asr = time.perf_counter() - t0
+    responder = Responder.load(str(llm), max_tokens=24, seed=0)
+    t0 = time.perf_counter()
+    next(s for s in responder.reply(text or "Hello.") if s is not None)
+    llm_first = time.perf_counter() - t0
+    alone = VoiceChat(csm, recognizer, responder, voice, temperature=0)
+    alone.conversation.history = list(chat.conversation.history[:-1])
+    t0 = time.perf_counter()
+    frames = alone.conversation.frames(reply.sentences[0], 0, temperature=0, chunk_chars=0)
+    csm.mimi.decode_chunks([next(frames)[:, None]]).__next__()
+    frames.close()
+    csm_first = time.perf_counter() - t0
+    detected_to_audio = audio_ready - detected
+    return {"speech end -> detected (ms)": 1000 * (detected - spoke),
+            "-> transcript (ms)": 1000 * (transcribed - spoke),
+            "-> first sentence (ms)": 1000 * (sentence - spoke),
+            "-> first audio (ms)": 1000 * (audio_ready - spoke),
+            "asr alone (ms)": 1000 * asr, "llm to 1st sentence alone (ms)": 1000 * llm_first,
+            "csm 1st frame + decode alone (ms)": 1000 * csm_first,
+            "overhead (ms)": 1000 * (detected_to_audio - asr - llm_first - csm_first)}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--csm", choices=list(SIZES), default="tiny")
+    parser.add_argument("--precision", default="float32")
+    parser.add_argument("--turns", type=int, default=5)
+    parser.add_argument("--silence-ms", type=float, default=500)
+    args = parser.parse_args()
+    if shutil.which("espeak-ng") is None:
+        sys.exit("espeak-ng is missing: apt-get install espeak-ng")
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        csm, recognizer, llm, voice = build(args.csm, args.precision, folder)
+        speech = espeak(folder / "question.wav", QUESTION)
+        audio = np.concatenate([np.zeros(RATE // 2, np.float32), speech, np.zeros(2 * RATE, np.float32)])
+        speech_end = RATE // 2 + speech_bounds(speech)[1]
+        settings = TurnSettings(silence_ms=args.silence_ms)
+        rows = []
+        for turn in range(args.turns + 1):  # the first warms up (compilation, caches)
+            row = one_turn(csm, recognizer, llm, voice, audio, speech_end, settings)
+            if turn:
+                rows.append({"csm": f"{args.csm} {args.precision}", "turn": turn, **row})
+    print(f"# {time.strftime('%Y-%m-%d')}, MLX {mx.__version__} on {mx.default_device()}, silence {args.silence_ms:.0f} ms")
+    print_table(rows)
+
+
+if __name__ == "__main__":
+    main()
