@@ -6,6 +6,8 @@ import math
 import os
 import shutil
 import signal
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -98,6 +100,42 @@ def alsa_env(tmp_path: Path, capture: bool) -> dict:
         conf = (DATA / "alsa-null.conf").read_text()
     (tmp_path / "alsa.conf").write_text(conf)
     return {**os.environ, "ALSA_CONFIG_PATH": f"/usr/share/alsa/alsa.conf:{tmp_path / 'alsa.conf'}"}
+
+
+class PacedOutput:
+    """A sound card where none exists (a Player's output): pulls one block per block duration, in
+    real time, and keeps what it played and when it pulled each block."""
+
+    def __init__(self, samplerate, blocksize, callback, finished_callback, **_):
+        self.block, self.period = blocksize, blocksize / samplerate
+        self.callback, self.finished_callback = callback, finished_callback
+        self.aborted = False
+        self.played, self.pulled = [], []
+        self.thread = threading.Thread(target=self.run)
+
+    def run(self):
+        deadline = time.perf_counter()
+        while not self.aborted:
+            out = np.zeros((self.block, 1), np.float32)
+            try:
+                self.callback(out, self.block, None, None)
+            except StopIteration:
+                break
+            finally:
+                self.played.append(out[:, 0].copy())
+                self.pulled.append(time.perf_counter())
+            deadline += self.period
+            time.sleep(max(0.0, deadline - time.perf_counter()))
+        self.finished_callback()
+
+    def start(self):
+        self.thread.start()
+
+    def abort(self):
+        self.aborted = True
+
+    def close(self):
+        self.thread.join()
 
 
 def interruptible() -> None:

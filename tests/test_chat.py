@@ -4,7 +4,6 @@ fed through the input path a microphone uses; the models are the tiny CSM and ra
 Llama weights in mlx-whisper's and mlx-lm's own formats."""
 
 import math
-import os
 import subprocess
 import sys
 import threading
@@ -32,7 +31,7 @@ from csm_mlx.script import read_script
 from csm_mlx.text import split_sentences
 
 from chat_fixtures import espeak, make_language_model, make_whisper, speech_bounds
-from speech_fixtures import alsa_env
+from speech_fixtures import PacedOutput, alsa_env
 
 CLI = str(Path(sys.executable).parent / "csm-mlx")
 RATE = 24_000
@@ -94,44 +93,8 @@ def test_a_turn_is_speech_then_silence(clips):
     assert not feed(TurnDetector(settings), np.concatenate([silence(2), 0.01 * np.sin(np.arange(48000) / 3)]))
 
 
-class CapturedOutput:
-    """A sound card where none exists: pulls one block per block duration, in real time, and keeps
-    what it played and when each block was pulled."""
-
-    def __init__(self, samplerate, blocksize, callback, finished_callback, **_):
-        self.block, self.period = blocksize, blocksize / samplerate
-        self.callback, self.finished_callback = callback, finished_callback
-        self.aborted = False
-        self.played, self.pulled = [], []
-        self.thread = threading.Thread(target=self.run)
-
-    def run(self):
-        deadline = time.perf_counter()
-        while not self.aborted:
-            out = np.zeros((self.block, 1), np.float32)
-            try:
-                self.callback(out, self.block, None, None)
-            except StopIteration:
-                break
-            finally:
-                self.played.append(out[:, 0].copy())
-                self.pulled.append(time.perf_counter())
-            deadline += self.period
-            time.sleep(max(0.0, deadline - time.perf_counter()))
-        self.finished_callback()
-
-    def start(self):
-        self.thread.start()
-
-    def abort(self):
-        self.aborted = True
-
-    def close(self):
-        self.thread.join()
-
-
 class Speakers:
-    """Makes a Player per reply over a CapturedOutput, and keeps the outputs."""
+    """Makes a Player per reply over a PacedOutput, and keeps the outputs."""
 
     def __init__(self):
         self.outputs = []
@@ -139,7 +102,7 @@ class Speakers:
 
     def __call__(self) -> Player:
         def output(**kwargs):
-            captured = CapturedOutput(**kwargs)
+            captured = PacedOutput(**kwargs)
             callback = captured.callback
 
             def watched(out, *args):
@@ -152,7 +115,7 @@ class Speakers:
         return Player(output=output)
 
 
-def played_audio(output: CapturedOutput) -> np.ndarray:
+def played_audio(output: PacedOutput) -> np.ndarray:
     return np.concatenate(output.played) if output.played else np.zeros(0, np.float32)
 
 

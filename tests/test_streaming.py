@@ -3,7 +3,6 @@
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import soundfile as sf
 from csm_mlx import CSM
 from csm_mlx.player import Player
 
-from speech_fixtures import alsa_env, interruptible
+from speech_fixtures import PacedOutput, alsa_env, interruptible
 
 CLI = str(Path(sys.executable).parent / "csm-mlx")
 FRAMES = 12
@@ -69,36 +68,6 @@ def test_playback_through_portaudio_plays_exactly_the_generated_audio(hub_cache,
     assert not played[:start].any()
     np.testing.assert_array_equal(played[start : start + len(generated)], generated)
     assert not played[start + len(generated) :].any()
-
-
-class PacedOutput:
-    """Stands in for a sound card where none exists: pulls one block per block duration, in real time."""
-
-    def __init__(self, samplerate, blocksize, callback, finished_callback, **_):
-        self.block, self.period = blocksize, blocksize / samplerate
-        self.callback, self.finished_callback = callback, finished_callback
-        self.aborted = False
-        self.thread = threading.Thread(target=self.run)
-
-    def run(self):
-        deadline = time.perf_counter()
-        while not self.aborted:
-            try:
-                self.callback(np.zeros((self.block, 1), np.float32), self.block, None, None)
-            except StopIteration:
-                break
-            deadline += self.period
-            time.sleep(max(0.0, deadline - time.perf_counter()))
-        self.finished_callback()
-
-    def start(self):
-        self.thread.start()
-
-    def abort(self):
-        self.aborted = True
-
-    def close(self):
-        self.thread.join()
 
 
 def paced(**kwargs):

@@ -92,6 +92,7 @@ class RealtimeSession:
         self.last_item: Optional[str] = None
         self.turn_item: Optional[str] = None  # the user item being spoken
         self.turns = asyncio.Lock()  # user turns are handled one at a time, in order
+        self.tasks: set = set()  # transcriptions running: asyncio holds only weak references to tasks
         self.closed = False
 
     # plumbing
@@ -250,7 +251,9 @@ class RealtimeSession:
                 "content": [{"type": "input_audio", "transcript": None}]}
         await self.send("conversation.item.created", previous_item_id=self.last_item, item=item)
         self.last_item = item_id
-        asyncio.create_task(self.transcribe(item_id, audio, create_response))
+        task = asyncio.create_task(self.transcribe(item_id, audio, create_response))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
 
     async def transcribe(self, item_id: str, audio: np.ndarray, create_response: bool) -> None:
         async with self.turns:
