@@ -62,7 +62,7 @@ class VoiceChat:
 
 class Reply:
     """One assistant turn in the making. Iterating gives its audio, one frame (80 ms) per chunk
-    (with the watermark, in bursts of about a second); sentences lists the sentences begun so far.
+    (with the watermark, in bursts of up to 0.37 s); sentences lists the sentences begun so far.
     cut(heard) ends it early: what follows the first `heard` samples leaves both contexts."""
 
     def __init__(self, chat: VoiceChat, user_text: str, mimi: Optional[Mimi] = None):
