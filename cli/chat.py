@@ -80,7 +80,7 @@ def run(args) -> None:
     options = checked_options(args)
     options.pop("chunk_chars")  # each sentence is spoken whole
     settings = TurnSettings(silence_ms=args.silence_ms, aggressiveness=args.vad_aggressiveness)
-    # the cheap checks first: input, transcript directory, voice; then the three models
+    # the cheap checks first (the input, the transcript directory), then the three models
     source = Recording(args.input_file) if args.input_file else Microphone(device(args.input_device))
     transcript = Transcript(args.save) if args.save else None
     say = (lambda line: None) if args.quiet else (lambda line: print(line, file=sys.stderr))
