@@ -55,9 +55,9 @@ def models(hub_cache, tmp_path_factory):
     return CSM.load(watermark=False), Recognizer.load(str(whisper)), llm
 
 
-def new_chat(models, max_tokens=12, **speech) -> VoiceChat:
+def new_chat(models, max_tokens=12, max_context_tokens=4096, **speech) -> VoiceChat:
     csm, recognizer, llm = models
-    responder = Responder.load(str(llm), max_tokens=max_tokens, seed=0)
+    responder = Responder.load(str(llm), max_tokens=max_tokens, max_context_tokens=max_context_tokens, seed=0)
     return VoiceChat(csm, recognizer, responder, csm.voice("conversational_a", 0), **{**SPEECH, **speech})
 
 
@@ -211,7 +211,7 @@ def rss() -> int:
 
 
 def test_fifty_turns_keep_memory_flat(models, clips):
-    chat = new_chat(models, max_tokens=4, max_audio_length_ms=160)
+    chat = new_chat(models, max_tokens=4, max_context_tokens=1024, max_audio_length_ms=160)
     question = clips["greeting"]
     sizes = []
     for turn in range(50):
@@ -221,7 +221,9 @@ def test_fifty_turns_keep_memory_flat(models, clips):
         if turn in (9, 49):
             sizes.append(rss())
     assert sizes[1] - sizes[0] < 64 * 2**20, sizes
-    # the context budget held: CSM's prompt and the language model's stay within their windows
+    # the language model's window filled and its oldest exchanges went, whole, the system prompt stayed
+    messages = chat.responder.messages
+    assert len(messages) < 1 + 2 * 50 and messages[0]["role"] == "system" and messages[1]["role"] == "user"
     assert len(chat.responder._cached) <= chat.responder.max_context_tokens
 
 

@@ -61,18 +61,23 @@ RELATIVE_TOLERANCE = 1e-5
 
 
 def random_state(args: ModelArgs, seed: int = 0):
-    """Sesame-style weights scaled by their fan-in (1.5 / sqrt(fan-in)), so that wide stacks
-    keep activations of order one and attention far from uniform."""
+    """Sesame-style weights scaled by their fan-in (standard deviation 1.5 / sqrt(fan-in)), so that
+    wide stacks keep activations of order one and attention far from uniform. Uniform, not normal,
+    and scaled in place: half the time for MisoTTS's 600M values."""
     rng = np.random.default_rng(seed)
     state = {}
     for key, shape in original_spec(args).items():
-        w = rng.standard_normal(shape, dtype=np.float32)
+        w = rng.random(shape, dtype=np.float32)
+        w -= np.float32(0.5)
+        w *= np.float32(2 * np.sqrt(3))  # unit variance
         if key.endswith(".scale"):
-            state[key] = 1.0 + 0.1 * w
+            w *= np.float32(0.1)
+            w += np.float32(1.0)
         elif "embeddings" in key:
-            state[key] = 0.5 * w
+            w *= np.float32(0.5)
         else:
-            state[key] = w * np.float32(1.5 / np.sqrt(shape[-2] if key == "audio_head" else shape[-1]))
+            w *= np.float32(1.5 / np.sqrt(shape[-2] if key == "audio_head" else shape[-1]))
+        state[key] = w
     return state
 
 
@@ -237,15 +242,16 @@ def test_converts_and_quantizes(family, csm, tmp_path):
     quantize(four_bit, 4, 64)
     rng = np.random.default_rng(6)
     text_tokens = rng.integers(0, args.text_vocab_size, 9).tolist()
-    frames = rng.integers(0, 2048, (4, args.audio_num_codebooks))
+    # few frames: MLX's CPU backend has no fast quantized products, and at these widths each frame costs seconds
+    frames = rng.integers(0, 2048, (2, args.audio_num_codebooks))
     full = teacher_forced(csm.model, args, [], text_tokens, frames)[:, 0]
     for bits, model, bound in ((8, eight_bit, 0.05), (4, four_bit, 0.6)):
         assert model.backbone.layers[0].mlp.gate_proj.bits == bits
         quantized = teacher_forced(model, args, [], text_tokens, frames)[:, 0]
         error = np.sqrt(np.mean((quantized - full) ** 2) / np.mean(full**2))
         assert error <= bound, (bits, error)
-        codes = generate_codes(model, text_tokens, max_frames=3, temperature=0.0)
-        assert codes.shape == (args.audio_num_codebooks, 3) and codes.max() < 2048
+        codes = generate_codes(model, text_tokens, max_frames=2, temperature=0.0)
+        assert codes.shape == (args.audio_num_codebooks, 2) and codes.max() < 2048
 
 
 def test_mlx_audio_8bit_conversion_matches_transformers(tmp_path_factory, hub_cache, mimi_path):
@@ -292,7 +298,7 @@ def test_mlx_audio_8bit_conversion_matches_transformers(tmp_path_factory, hub_ca
     reference = transformers_reference(dequantized, args)
     rng = np.random.default_rng(3)
     text_tokens = rng.integers(0, args.text_vocab_size, 9).tolist()
-    frames = rng.integers(0, 2048, (4, 32))
+    frames = rng.integers(0, 2048, (2, 32))
     context = context_for(args)
     assert_close(teacher_forced(csm.model, args, context, text_tokens, frames),
                  reference_logits(reference, context, text_tokens, frames), 1e-4)

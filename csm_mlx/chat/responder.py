@@ -3,7 +3,8 @@
 The chat's messages are rendered with the model's chat template each turn; one prompt cache is
 kept across turns and trimmed back to the tokens it shares with the new prompt, so a turn prefills
 only what is new (or what changed: an answer cut short by a barge-in). When the messages outgrow
-max_context_tokens the oldest exchanges are dropped (the system prompt stays).
+max_context_tokens the oldest exchanges are dropped, down to three quarters of it (the system
+prompt stays).
 """
 
 import re
@@ -109,15 +110,25 @@ class Responder:
                 self.messages.pop()
 
     def _prompt(self) -> List[int]:
-        """The messages as the model reads them, the oldest exchanges dropped to fit the budget."""
-        while True:
-            tokens = self.tokenizer.apply_chat_template(self.messages, add_generation_prompt=True,
-                                                        enable_thinking=False)
-            tokens = list(tokens["input_ids"] if isinstance(tokens, dict) else tokens)
-            first = 1 if self.messages and self.messages[0]["role"] == "system" else 0
-            if len(tokens) + self.max_tokens <= self.max_context_tokens or len(self.messages) - first <= 1:
-                return tokens
-            del self.messages[first]  # the oldest message; a user turn goes with its answer next round
+        """The messages as the model reads them. Past the budget the oldest exchanges are dropped
+        down to three quarters of it: dropping changes the prompt's start, so the whole prompt is
+        prefilled again, and the headroom lets the next turns extend the kept cache instead."""
+        budget = self.max_context_tokens - self.max_tokens
+        first = 1 if self.messages and self.messages[0]["role"] == "system" else 0
+        tokens = self._render()
+        if len(tokens) <= budget:
+            return tokens
+        while len(tokens) > budget * 3 // 4 and len(self.messages) - first > 1:
+            del self.messages[first]
+            # an exchange goes whole: some chat templates refuse a conversation that opens with the assistant
+            while len(self.messages) - first > 1 and self.messages[first]["role"] == "assistant":
+                del self.messages[first]
+            tokens = self._render()
+        return tokens
+
+    def _render(self) -> List[int]:
+        tokens = self.tokenizer.apply_chat_template(self.messages, add_generation_prompt=True, enable_thinking=False)
+        return list(tokens["input_ids"] if isinstance(tokens, dict) else tokens)
 
 
 def _spoken(sentence: str) -> str:
