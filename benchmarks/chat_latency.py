@@ -5,16 +5,18 @@
 
 The user is espeak-ng speech followed by silence, fed in 20 ms blocks as a microphone would. For
 each turn it prints when, after the last sound of the user's speech, the turn was detected, the
-transcript was ready, the language model's first sentence was complete and the first audio chunk
-was ready to play; then the models' own work measured alone on the same inputs (the recognizer on
-the turn's audio, the language model to its first sentence, CSM's first frame and its decode,
-Mimi's encoding of the turn (CSM's context holds the user's audio as codes), and the overhead:
-the time from detection to first audio that is none of that work. The speech
-recognizer and the language model are tiny random models in mlx-whisper's and mlx-lm's formats
-(their real sizes' costs are the published ones, see benchmarks/README.md).
+transcript was ready (and the turn encoded: CSM's context holds the user's audio as codes), the
+language model's first sentence was complete and the first audio chunk was ready to play. Then
+the time spent inside the models' own calls on the way, timed in the same run: the recognizer,
+Mimi's encoding of the turn, the language model up to its first sentence, CSM up to its first
+frame and Mimi's decoding of it; and the overhead: the time from detection to first audio spent
+outside them (the pipeline's own work). The speech recognizer and the language model are tiny
+random models in mlx-whisper's and mlx-lm's formats (their real sizes' costs are the published
+ones, see benchmarks/README.md).
 """
 
 import argparse
+import collections
 import shutil
 import sys
 import tempfile
@@ -58,53 +60,76 @@ def build(size: str, precision: str, folder: Path):
     return csm, recognizer, llm, voice
 
 
+class Stopwatch:
+    """Seconds spent inside the calls it wraps, per name: the models' own work within the turn."""
+
+    def __init__(self):
+        self.spent = collections.defaultdict(float)
+
+    def call(self, name: str, fn):
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.spent[name] += time.perf_counter() - t0
+        return timed
+
+    def generator(self, name: str, fn):
+        """fn returns a generator: the time inside each of its steps counts, not the time between."""
+        def timed(*args, **kwargs):
+            steps = fn(*args, **kwargs)
+            while True:
+                t0 = time.perf_counter()
+                try:
+                    item = next(steps)
+                except StopIteration:
+                    return
+                finally:
+                    self.spent[name] += time.perf_counter() - t0
+                yield item
+        return timed
+
+
 def one_turn(csm, recognizer, llm, voice, audio, speech_end: int, settings: TurnSettings) -> dict:
     chat = VoiceChat(csm, recognizer, Responder.load(str(llm), max_tokens=24, seed=0), voice, temperature=0)
+    watch = Stopwatch()  # around the calls into the models, on this chat's objects only
+    recognizer_transcribe, mimi_encode, mimi_decode = recognizer.transcribe, csm.mimi.encode, csm.mimi.decode_step
+    recognizer.transcribe = watch.call("asr", recognizer_transcribe)
+    csm.mimi.encode = watch.call("turn encode", mimi_encode)
+    csm.mimi.decode_step = watch.call("decode", mimi_decode)
+    chat.responder.reply = watch.generator("llm", chat.responder.reply)
+    chat.conversation.frames = watch.generator("csm", chat.conversation.frames)
     detector = TurnDetector(settings)
     stopped = None
     start = time.perf_counter()
-    for at in range(0, len(audio), BLOCK):  # in real time: block n arrives at start + n * 20 ms
-        time.sleep(max(0.0, start + at / RATE - time.perf_counter()))
-        events = [e for e in detector.feed(audio[at:at + BLOCK]) if isinstance(e, SpeechStopped)]
-        if events:
-            stopped = events[0]
-            break
-    detected = time.perf_counter()
-    spoke = start + speech_end / RATE  # when the last sound of the speech came in
-    text = chat.hear(stopped.audio)
-    transcribed = time.perf_counter()
-    reply = chat.reply(text or "Hello.")
-    first_chunk = next(iter(reply))
-    audio_ready = time.perf_counter()
-    sentence = reply.first_sentence_at
-    reply.cut(len(first_chunk))
-    # the models' own work, alone, on the same inputs
-    t0 = time.perf_counter()
-    recognizer.transcribe(stopped.audio)
-    asr = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    csm.mimi.encode(stopped.audio)  # the user's turn, as CSM's context holds it
-    encode = time.perf_counter() - t0
-    responder = Responder.load(str(llm), max_tokens=24, seed=0)
-    t0 = time.perf_counter()
-    next(s for s in responder.reply(text or "Hello.") if s is not None)
-    llm_first = time.perf_counter() - t0
-    alone = VoiceChat(csm, recognizer, responder, voice, temperature=0)
-    alone.conversation.history = list(chat.conversation.history[:-1])
-    t0 = time.perf_counter()
-    frames = alone.conversation.frames(reply.sentences[0], 0, temperature=0, chunk_chars=0)
-    csm.mimi.decode_chunks([next(frames)[:, None]]).__next__()
-    frames.close()
-    csm_first = time.perf_counter() - t0
-    detected_to_audio = audio_ready - detected
+    try:
+        for at in range(0, len(audio), BLOCK):  # in real time: block n arrives at start + n * 20 ms
+            time.sleep(max(0.0, start + at / RATE - time.perf_counter()))
+            events = [e for e in detector.feed(audio[at:at + BLOCK]) if isinstance(e, SpeechStopped)]
+            if events:
+                stopped = events[0]
+                break
+        detected = time.perf_counter()
+        spoke = start + speech_end / RATE  # when the last sound of the speech came in
+        text = chat.hear(stopped.audio)
+        transcribed = time.perf_counter()
+        reply = chat.reply(text or "Hello.")
+        first_chunk = next(iter(reply))
+        audio_ready = time.perf_counter()
+        spent = dict(watch.spent)  # to the first audio
+        reply.cut(len(first_chunk))
+    finally:
+        recognizer.transcribe, csm.mimi.encode, csm.mimi.decode_step = recognizer_transcribe, mimi_encode, mimi_decode
+    work = sum(spent.values())
     return {"speech end -> detected (ms)": 1000 * (detected - spoke),
             "-> transcript and turn encoded (ms)": 1000 * (transcribed - spoke),
-            "-> first sentence (ms)": 1000 * (sentence - spoke),
+            "-> first sentence (ms)": 1000 * (reply.first_sentence_at - spoke),
             "-> first audio (ms)": 1000 * (audio_ready - spoke),
-            "asr alone (ms)": 1000 * asr, "mimi encode of the turn alone (ms)": 1000 * encode,
-            "llm to 1st sentence alone (ms)": 1000 * llm_first,
-            "csm 1st frame + decode alone (ms)": 1000 * csm_first,
-            "overhead (ms)": 1000 * (detected_to_audio - asr - encode - llm_first - csm_first)}
+            "asr (ms)": 1000 * spent["asr"], "mimi encode of the turn (ms)": 1000 * spent["turn encode"],
+            "llm to 1st sentence (ms)": 1000 * spent["llm"], "csm to 1st frame (ms)": 1000 * spent["csm"],
+            "mimi decode (ms)": 1000 * spent["decode"],
+            "overhead (ms)": 1000 * ((audio_ready - detected) - work)}
 
 
 def main():

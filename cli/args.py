@@ -196,7 +196,7 @@ def add_context_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--conversation", metavar="FILE", help="JSON/YAML list of turns {speaker, text, audio}")
     g.add_argument("--asr", default=DEFAULT_RECOGNIZER, metavar="ID_OR_DIR",
                    help="speech recognizer that transcribes --context-audio given without --context-text, an "
-                        f"mlx-whisper model (default: {DEFAULT_RECOGNIZER}; needs the chat extra)")
+                        f"mlx-whisper or parakeet-mlx model (default: {DEFAULT_RECOGNIZER}; needs the chat extra)")
 
 
 

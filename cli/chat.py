@@ -35,8 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
                formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("the conversation")
     g.add_argument("--asr", default=DEFAULT_RECOGNIZER, metavar="ID_OR_DIR",
-                   help=f"speech recognizer, an mlx-whisper model (default: {DEFAULT_RECOGNIZER})")
-    g.add_argument("--language", metavar="CODE", help="the language you speak, e.g. en (default: detected each turn)")
+                   help=f"speech recognizer, an mlx-whisper or parakeet-mlx model, e.g. "
+                        f"mlx-community/parakeet-tdt-0.6b-v3 (default: {DEFAULT_RECOGNIZER})")
+    g.add_argument("--language", metavar="CODE", help="the language you speak, e.g. en (default: detected each turn; Whisper only)")
     g.add_argument("--llm", default=DEFAULT_LANGUAGE_MODEL, metavar="ID_OR_DIR",
                    help=f"language model, any mlx-lm model (default: {DEFAULT_LANGUAGE_MODEL})")
     g.add_argument("--system", default=DEFAULT_SYSTEM, metavar="TEXT",

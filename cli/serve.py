@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not serve the web page at / (the API is the same either way)")
     g = p.add_argument_group("voice chat (the /v1/realtime WebSocket, OpenAI Realtime events; on with both "
                              "--asr and --llm)")
-    g.add_argument("--asr", metavar="ID_OR_DIR", help=f"speech recognizer, an mlx-whisper model (e.g. {DEFAULT_RECOGNIZER}); "
+    g.add_argument("--asr", metavar="ID_OR_DIR", help=f"speech recognizer, an mlx-whisper or parakeet-mlx model (e.g. {DEFAULT_RECOGNIZER}); "
                                                       "alone, it transcribes voice clips uploaded without a transcript")
     g.add_argument("--llm", metavar="ID_OR_DIR", help=f"language model, any mlx-lm model (e.g. {DEFAULT_LANGUAGE_MODEL})")
     g.add_argument("--system", default=DEFAULT_SYSTEM, metavar="TEXT",

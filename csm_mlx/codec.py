@@ -146,18 +146,23 @@ class Mimi:
         n_frames = -(-len(audio) // FRAME_SAMPLES)
         if n_frames <= ONE_PASS_ENCODE_FRAMES:
             return self._mimi.encode(audio.reshape(1, 1, -1))[0].astype(np.int32)
-        # the one-pass encode pads the last frame with zeros; so does this
-        padded = np.zeros(n_frames * FRAME_SAMPLES, np.float32)
-        padded[: len(audio)] = audio
         self.reset()
-        self._used += n_frames
         try:
-            return np.concatenate([
-                self._mimi.encode_step(padded[i * FRAME_SAMPLES : (i + 1) * FRAME_SAMPLES].reshape(1, 1, -1))[0]
-                for i in range(n_frames)
-            ], axis=-1).astype(np.int32)
+            return np.concatenate([self.encode_step(audio[i * FRAME_SAMPLES : (i + 1) * FRAME_SAMPLES])
+                                   for i in range(n_frames)], axis=-1)
         finally:
             self.reset()
+
+    def encode_step(self, audio: np.ndarray) -> np.ndarray:
+        """One frame of 24 kHz audio (1920 samples; a shorter last frame is padded with zeros, as
+        the one-pass encode pads it) -> its codes (num_codebooks, 1) as int32, continuing the
+        encoder's streaming state (reset() starts a new one). Frame by frame, a clip gets exactly
+        the codes encode() gives it."""
+        frame = np.zeros((1, 1, FRAME_SAMPLES), np.float32)
+        frame[0, 0, : len(audio)] = audio
+        self._use(self.num_codebooks, in_stream=False)
+        self._used += 1
+        return self._mimi.encode_step(frame)[0].astype(np.int32)
 
 
 def _as_codes(codes: np.ndarray) -> np.ndarray:

@@ -6,7 +6,7 @@ prompt, then the frames it generated), so only the new rows are prefilled. Turns
 fit the window are dropped oldest first, never a pinned voice prompt.
 """
 
-from typing import Callable, Iterator, List, Optional, Sequence
+from typing import Callable, Iterator, List, Optional, Sequence, Union
 
 import numpy as np
 from mlx_lm.generate import wired_limit
@@ -32,9 +32,11 @@ class Conversation:
         self._kept: Optional[KeptCache] = None
         self._key = None  # the random key where the last turn left it: unseeded turns go on from it
 
-    def add(self, segment: Segment) -> None:
-        """A turn that was spoken, not generated (its audio, if any, becomes context)."""
-        self.history.append(tokenize_segment(self.tokenizer, self.mimi, segment))
+    def add(self, segment: Union[Segment, TokenizedSegment]) -> None:
+        """A turn that was spoken, not generated (its audio, if any, becomes context); a
+        TokenizedSegment is taken as it is (its audio already encoded)."""
+        self.history.append(segment if isinstance(segment, TokenizedSegment)
+                            else tokenize_segment(self.tokenizer, self.mimi, segment))
 
     def prompt(self, text_tokens: Sequence[int], max_frames: int) -> Rows:
         """Prompt rows for a next turn of these text tokens: the turns that fit, then its text."""

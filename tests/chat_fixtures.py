@@ -24,8 +24,10 @@ def _random_weights(module, seed: int, dtype, std: float = 0.2) -> dict:
     rng = np.random.default_rng(seed)
     weights = {}
     for name, value in tree_flatten(module.parameters()):
-        if name.endswith("norm.weight") or name.endswith("ln.weight") or name.endswith("_ln.weight"):
+        if name.endswith(("norm.weight", "ln.weight", "running_var")):
             array = np.ones(value.shape, np.float32)
+        elif name.endswith("running_mean"):
+            array = np.zeros(value.shape, np.float32)
         else:
             array = rng.normal(0.0, std, value.shape).astype(np.float32)
         weights[name] = mx.array(array).astype(dtype)
@@ -43,6 +45,36 @@ def make_whisper(path: Path, seed: int = 0) -> Path:
     (path / "config.json").write_text(json.dumps({**dims, "model_type": "whisper"}))
     model = Whisper(ModelDimensions(**dims), mx.float16)
     mx.save_safetensors(str(path / "weights.safetensors"), _random_weights(model, seed, mx.float16))
+    return path
+
+
+PARAKEET_VOCABULARY = ["▁hello", "▁there", "▁what", "▁is", "▁the", "▁weather", "▁like", "▁to", "day", "s", "▁a", "."]
+
+
+def make_parakeet(path: Path, seed: int = 0) -> Path:
+    """A one-layer Parakeet TDT with random float32 weights, as mlx-community's conversions lay it out:
+    NeMo's configuration as config.json (its sizes cut down) + model.safetensors."""
+    from parakeet_mlx.utils import from_config
+
+    durations = [0, 1, 2, 3, 4]
+    vocabulary = len(PARAKEET_VOCABULARY)
+    config = {
+        "target": "nemo.collections.asr.models.rnnt_bpe_models.EncDecRNNTBPEModel",
+        "model_defaults": {"tdt_durations": durations},
+        "preprocessor": {"sample_rate": 16000, "normalize": "per_feature", "window_size": 0.025,
+                         "window_stride": 0.01, "window": "hann", "features": 80, "n_fft": 512, "dither": 1e-05,
+                         "pad_to": 0, "pad_value": 0.0},
+        "encoder": {"feat_in": 80, "n_layers": 1, "d_model": 64, "n_heads": 2, "ff_expansion_factor": 2,
+                    "subsampling_factor": 8, "self_attention_model": "rel_pos", "subsampling": "dw_striding",
+                    "conv_kernel_size": 9, "subsampling_conv_channels": 32, "pos_emb_max_len": 5000},
+        "decoder": {"blank_as_pad": True, "vocab_size": vocabulary, "prednet": {"pred_hidden": 64, "pred_rnn_layers": 1}},
+        "joint": {"num_classes": vocabulary, "vocabulary": PARAKEET_VOCABULARY, "num_extra_outputs": len(durations),
+                  "jointnet": {"joint_hidden": 64, "activation": "relu", "encoder_hidden": 64, "pred_hidden": 64}},
+        "decoding": {"model_type": "tdt", "durations": durations, "greedy": {"max_symbols": 10}},
+    }
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(config))
+    mx.save_safetensors(str(path / "model.safetensors"), _random_weights(from_config(config), seed, mx.float32, 0.5))
     return path
 
 

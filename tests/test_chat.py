@@ -23,6 +23,7 @@ from csm_mlx.chat.microphone import Recording
 from csm_mlx.recognizer import Recognizer
 from csm_mlx.chat.responder import Responder
 from csm_mlx.chat.transcript import Transcript
+from csm_mlx.chat.turn_encoder import TurnEncoder
 from csm_mlx.chat.turns import SpeechStarted, SpeechStopped, TurnDetector, TurnSettings
 from csm_mlx.chat.voice_chat import VoiceChat
 from csm_mlx.codec import FRAME_SAMPLES
@@ -30,8 +31,8 @@ from csm_mlx.player import Player
 from csm_mlx.script import read_script
 from csm_mlx.text import split_sentences
 
-from chat_fixtures import espeak, make_language_model, make_whisper, speech_bounds
-from speech_fixtures import PacedOutput, alsa_env
+from chat_fixtures import espeak, make_language_model, make_parakeet, make_whisper, speech_bounds
+from speech_fixtures import PacedOutput, add_to_hub_cache, alsa_env
 
 CLI = str(Path(sys.executable).parent / "csm-mlx")
 RATE = 24_000
@@ -93,6 +94,29 @@ def test_a_turn_is_speech_then_silence(clips):
     assert not feed(TurnDetector(settings), np.concatenate([silence(2), 0.01 * np.sin(np.arange(48000) / 3)]))
 
 
+def test_a_turn_is_encoded_while_it_is_spoken(models, clips):
+    """Fed in microphone blocks, a turn's codes are Mimi's one-pass encode of the turn to the next
+    frame boundary; a turn that ends mid-frame (committed) is padded with zeros to it."""
+    mimi = models[0].mimi
+    audio = np.concatenate([clips["question"], silence(0.5)])
+    encoder = TurnEncoder(mimi.path, mimi.num_codebooks)
+    try:
+        encoder.start(audio[:3000])
+        for at in range(3000, len(audio), 480):
+            encoder.feed(audio[at:at + 480])
+        turn = len(clips["question"]) - 100
+        codes, turn_audio = encoder.finish(turn).result()
+        frames = math.ceil(turn / FRAME_SAMPLES)
+        np.testing.assert_array_equal(turn_audio, audio[:frames * FRAME_SAMPLES])
+        np.testing.assert_array_equal(codes, mimi.encode(turn_audio))
+        encoder.start(audio[:5000])  # the next turn, committed before its third frame is complete: zeros
+        codes, turn_audio = encoder.finish(5000).result()
+        np.testing.assert_array_equal(turn_audio, np.concatenate([audio[:5000], np.zeros(3 * FRAME_SAMPLES - 5000)]))
+        np.testing.assert_array_equal(codes, mimi.encode(turn_audio))
+    finally:
+        encoder.close()
+
+
 class Speakers:
     """Makes a Player per reply over a PacedOutput, and keeps the outputs."""
 
@@ -138,9 +162,11 @@ def test_a_turn_goes_through_recognizer_language_model_and_csm(models, clips, tm
     assert user.text and user.text == chat.recognizer.transcribe(user.audio)
     messages = chat.responder.messages
     assert [m["role"] for m in messages] == ["system", "user", "assistant"] and messages[1]["content"] == user.text
-    # CSM's context: the voice, the user's own audio and transcript, then the assistant's sentences as played
+    # CSM's context: the voice, the user's own audio (to a frame boundary: encoded while spoken) and
+    # transcript, then the assistant's sentences as played
     csm, history = chat.csm, chat.conversation.history
     assert history[0].pinned and not any(turn.pinned for turn in history[1:])
+    assert len(user.audio) % FRAME_SAMPLES == 0
     np.testing.assert_array_equal(history[1].audio_codes, csm.mimi.encode(user.audio))
     assert list(history[1].text_tokens) == csm.tokenizer.encode(user.text, 1)
     spoken = history[2:]
@@ -266,8 +292,12 @@ def test_chat_command_answers_a_recording_plays_it_and_saves_a_replayable_chat(m
     script = read_script(tmp_path / "saved" / "chat.yaml")
     assert [s.speaker for s in script] == [1, 0]
     assert result.stdout.splitlines() == [f"you: {script[0].text}", f"csm: {script[1].text}"]
-    (_, stopped), = [e for e in feed(TurnDetector(), np.concatenate([read_audio(wav), silence(3)])) if isinstance(e[1], SpeechStopped)]
-    np.testing.assert_array_equal(script[0].audio, stopped.audio)  # the user's turn as the detector cut it
+    heard = np.concatenate([read_audio(wav), silence(3)])
+    (_, stopped), = [e for e in feed(TurnDetector(), heard) if isinstance(e[1], SpeechStopped)]
+    # the user's turn as the detector cut it, to the next frame boundary
+    start = stopped.end - len(stopped.audio)
+    frames = math.ceil(len(stopped.audio) / FRAME_SAMPLES)
+    np.testing.assert_array_equal(script[0].audio, heard[start:start + frames * FRAME_SAMPLES])
     # PortAudio played the answer, watermarked, exactly as saved
     played = np.fromfile(tmp_path / "played.raw", dtype=np.float32)
     np.testing.assert_allclose(audible(played), audible(script[1].audio), atol=1e-6)
@@ -283,7 +313,7 @@ def test_chat_errors_are_one_line(models, clips, tmp_path, capsys):
     sf.write(wav, clips["question"], RATE)
     cases = [
         (["--llm", tmp_path / "missing", "--input-file", wav], "language model directory"),
-        (["--asr", llm, "--llm", llm, "--input-file", wav], "is not an mlx-whisper model"),
+        (["--asr", llm, "--llm", llm, "--input-file", wav], "is neither an mlx-whisper nor a parakeet-mlx model"),
         (["--llm", llm, "--input-file", tmp_path / "none.wav"], "does not exist"),
         (["--llm", llm], "no microphone"),  # this machine has no sound card
         (["--llm", llm, "--input-file", wav, "--input-device", "1"], "not both"),
@@ -314,3 +344,27 @@ def test_context_audio_without_its_text_is_transcribed(models, clips, tmp_path):
     np.testing.assert_allclose(got, expected, atol=1e-5)  # Mimi (threaded) differs between calls in the last bits
     with pytest.raises(ValueError, match="CSM.load\\(asr=...\\)"):
         csm.generate("Hi.", 0, [Segment(0, None, audio)])
+
+
+def test_a_parakeet_model_transcribes_the_turns(models, clips, hub_cache, tmp_path):
+    """--asr with a parakeet-mlx model from the hub: a turn's transcript is parakeet-mlx's own greedy
+    one of the turn at its 16 kHz (resampled by librosa here), and it joins CSM's context."""
+    import librosa
+    import mlx.core as mx
+    from parakeet_mlx import from_pretrained
+    from parakeet_mlx.audio import get_logmel
+
+    folder = make_parakeet(tmp_path / "parakeet")
+    snapshot = add_to_hub_cache(hub_cache, "mlx-community/parakeet-tdt-test", {
+        "config.json": folder / "config.json", "model.safetensors": folder / "model.safetensors"})
+    recognizer = Recognizer.load("mlx-community/parakeet-tdt-test")
+    assert recognizer.path == snapshot and recognizer.parakeet is not None
+    audio = clips["question"]
+    reference = from_pretrained(str(folder), dtype=mx.float32)
+    mel = get_logmel(mx.array(librosa.resample(audio, orig_sr=RATE, target_sr=16_000)), reference.preprocessor_config)
+    expected = reference.generate(mel)[0].text.strip()
+    assert expected and recognizer.transcribe(audio) == expected
+    csm, _, llm = models
+    chat = VoiceChat(csm, recognizer, Responder.load(str(llm), max_tokens=4, seed=0))
+    assert chat.hear(audio) == expected
+    assert chat.conversation.history[-1].text_tokens == csm.tokenizer.encode(expected, 1)

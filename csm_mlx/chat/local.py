@@ -2,7 +2,8 @@
 
 Turn detection runs on the input's thread, so a barge-in stops playback within one input block
 (20 ms) of the detector's decision, whatever the MLX thread is doing; the MLX thread (the one
-that calls run()) then cuts the reply. Echo: with loudspeakers the microphone hears the assistant,
+that calls run()) then cuts the reply. The user's turn is encoded by Mimi while it is spoken
+(turn_encoder.py), so that its codes are ready when its transcript is. Echo: with loudspeakers the microphone hears the assistant,
 and nothing here cancels that echo, so in "speakers" mode no turn starts while the assistant
 speaks (and for unmute_s after): the assistant never answers itself, and barging in needs
 echo="headphones".
@@ -17,6 +18,7 @@ from typing import Callable, List, Optional
 import numpy as np
 
 from ..player import Player
+from .turn_encoder import TurnEncoder
 from .turns import SpeechStarted, SpeechStopped, TurnDetector, TurnSettings
 from .voice_chat import VoiceChat
 
@@ -45,7 +47,8 @@ class LocalChat:
         self.chat, self.source, self.echo = chat, source, echo
         self._new_player, self._on_turn, self._unmute_s = player, on_turn, unmute_s
         self._detector = TurnDetector(settings)
-        self._events: "queue.Queue" = queue.Queue()
+        self._encoder: Optional[TurnEncoder] = None  # from run() on
+        self._events: "queue.Queue" = queue.Queue()  # (event, the Future of a stopped turn's codes and audio)
         self._lock = threading.Lock()
         self._player: Optional[Player] = None  # the reply playing now
         self._unmute_at = 0.0
@@ -56,24 +59,28 @@ class LocalChat:
         """Listen and answer until the source ends (a recording) or max_turns user turns were
         answered; returns how many were."""
         answered = 0
+        mimi = self.chat.csm.mimi
+        self._encoder = TurnEncoder(mimi.path, mimi.num_codebooks)
         self.source.start(self._on_audio)
         try:
             while max_turns is None or answered < max_turns:
                 try:
-                    event = self._events.get(timeout=0.05)
+                    event, encoded = self._events.get(timeout=0.05)
                 except queue.Empty:
                     if self.source.ended and self._events.empty():
                         break
                     continue
                 if not isinstance(event, SpeechStopped):
                     continue
-                text = self.chat.hear(event.audio)
-                self._on_turn(ChatTurn("user", text, event.audio))
+                codes, audio = encoded.result()
+                text = self.chat.hear(audio, codes)
+                self._on_turn(ChatTurn("user", text, audio))
                 if text:
                     self._answer(text)
                     answered += 1
         finally:
             self.source.close()
+            self._encoder.close()
         return answered
 
     def _on_audio(self, block: np.ndarray) -> None:
@@ -81,12 +88,21 @@ class LocalChat:
         with self._lock:
             playing = self._player is not None
             muted = self.echo == "speakers" and (playing or time.perf_counter() < self._unmute_at)
-            for event in self._detector.feed(block, muted=muted):
-                if isinstance(event, SpeechStarted) and playing and not self._barged.is_set():
-                    self._player.stop()
-                    self.barge_ins.append(time.perf_counter())
-                    self._barged.set()
-                self._events.put(event)
+            in_turn = self._detector.in_turn
+            events = self._detector.feed(block, muted=muted)
+            if in_turn:  # the block is the open turn's (or the silence that ends it)
+                self._encoder.feed(block)
+            for event in events:
+                encoded = None
+                if isinstance(event, SpeechStarted):
+                    self._encoder.start(event.audio)
+                    if playing and not self._barged.is_set():
+                        self._player.stop()
+                        self.barge_ins.append(time.perf_counter())
+                        self._barged.set()
+                else:
+                    encoded = self._encoder.finish(len(event.audio))
+                self._events.put((event, encoded))
 
     def _answer(self, text: str) -> None:
         reply = self.chat.reply(text)

@@ -43,11 +43,14 @@ class VoiceChat:
         if isinstance(voice, TokenizedSegment):  # already encoded (a server's voice)
             self.conversation.history.append(voice)
 
-    def hear(self, audio: np.ndarray) -> str:
-        """Transcribe a user's turn (24 kHz mono float32); a turn with words joins CSM's context."""
+    def hear(self, audio: np.ndarray, codes: Optional[np.ndarray] = None) -> str:
+        """Transcribe a user's turn (24 kHz mono float32); a turn with words joins CSM's context.
+        codes: the turn's Mimi codes if they are made already (a TurnEncoder's)."""
         text = self.recognizer.transcribe(audio)
-        if text:
+        if text and codes is None:
             self.conversation.add(Segment(self.user_speaker, text, np.asarray(audio, np.float32)))
+        elif text:
+            self.conversation.add(TokenizedSegment(self.csm.tokenizer.encode(text, self.user_speaker), codes))
         return text
 
     def read(self, text: str) -> None:
