@@ -8,8 +8,9 @@ rustymimi's one-pass decode and encode hold the whole clip (about 2 GB of workin
 30 s) and its decode panics past 4096 frames. Here both run on Mimi's streaming state, one
 frame per step, so memory stays flat with length. Decoding a frame per step gives the same
 samples however the frames are grouped into chunks (a stream, a file, a server response);
-they equal the one-pass decode to ~1e-6. Encoding a frame per step gives exactly the codes
-of the one-pass encode, which is faster, so clips up to ONE_PASS_ENCODE_FRAMES still take it.
+they equal the one-pass decode to ~1e-6. Encoding in steps (of any number of frames) gives exactly
+the codes of the one-pass encode, which is faster, so clips up to ONE_PASS_ENCODE_FRAMES still
+take it; longer ones go ENCODE_STEP_FRAMES at a time.
 
 The streaming decoder too stops at 4096 frames (its RoPE table ends there, 5.5 minutes), and
 its attention remembers everything before. rustymimi's reset() does not rewind those positions
@@ -32,6 +33,7 @@ FRAME_SAMPLES = 1920  # 80 ms at 24 kHz
 NUM_CODEBOOKS = 32  # Mimi's codebooks; a model may use fewer
 # 10 s: the one-pass encode needs ~0.7 GB for it and is ~2x faster than stepping.
 ONE_PASS_ENCODE_FRAMES = 125
+ENCODE_STEP_FRAMES = 8  # frames per encoder step past that: 0.03 s a frame on the x86 VM, against 0.08 s one at a time
 STREAM_FRAMES = 4096  # positions of the streaming decoder's RoPE table
 WARMUP_FRAMES = 250  # 20 s of context carried over a restart
 RELOAD_AFTER = 1024  # positions used before a reset reloads (~0.4 s), leaving a stream >= 3072 frames
@@ -147,22 +149,23 @@ class Mimi:
         if n_frames <= ONE_PASS_ENCODE_FRAMES:
             return self._mimi.encode(audio.reshape(1, 1, -1))[0].astype(np.int32)
         self.reset()
+        step = ENCODE_STEP_FRAMES * FRAME_SAMPLES
         try:
-            return np.concatenate([self.encode_step(audio[i * FRAME_SAMPLES : (i + 1) * FRAME_SAMPLES])
-                                   for i in range(n_frames)], axis=-1)
+            return np.concatenate([self.encode_step(audio[i : i + step]) for i in range(0, len(audio), step)], axis=-1)
         finally:
             self.reset()
 
     def encode_step(self, audio: np.ndarray) -> np.ndarray:
-        """One frame of 24 kHz audio (1920 samples; a shorter last frame is padded with zeros, as
-        the one-pass encode pads it) -> its codes (num_codebooks, 1) as int32, continuing the
-        encoder's streaming state (reset() starts a new one). Frame by frame, a clip gets exactly
-        the codes encode() gives it."""
-        frame = np.zeros((1, 1, FRAME_SAMPLES), np.float32)
-        frame[0, 0, : len(audio)] = audio
+        """24 kHz audio of one frame or more -> their codes (num_codebooks, frames) as int32,
+        continuing the encoder's streaming state (reset() starts a new one). A partial last frame
+        is padded with zeros. Step by step, a clip gets exactly the codes encode() gives it, in
+        steps of any number of frames; steps of several frames cost less per frame."""
+        audio = np.asarray(audio, np.float32).reshape(-1)
+        frames = np.zeros((1, 1, -(-len(audio) // FRAME_SAMPLES) * FRAME_SAMPLES), np.float32)
+        frames[0, 0, : len(audio)] = audio
         self._use(self.num_codebooks, in_stream=False)
-        self._used += 1
-        return self._mimi.encode_step(frame)[0].astype(np.int32)
+        self._used += frames.shape[2] // FRAME_SAMPLES
+        return self._mimi.encode_step(frames)[0].astype(np.int32)
 
 
 def _as_codes(codes: np.ndarray) -> np.ndarray:

@@ -250,8 +250,8 @@ def test_converts_and_quantizes(family, csm, tmp_path):
         quantized = teacher_forced(model, args, [], text_tokens, frames)[:, 0]
         error = np.sqrt(np.mean((quantized - full) ** 2) / np.mean(full**2))
         assert error <= bound, (bits, error)
-        codes = generate_codes(model, text_tokens, max_frames=2, temperature=0.0)
-        assert codes.shape == (args.audio_num_codebooks, 2) and codes.max() < 2048
+        codes = generate_codes(model, text_tokens, max_frames=1, temperature=0.0)
+        assert codes.shape == (args.audio_num_codebooks, 1) and codes.max() < 2048
 
 
 def test_mlx_audio_8bit_conversion_matches_transformers(tmp_path_factory, hub_cache, mimi_path):

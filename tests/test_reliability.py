@@ -24,6 +24,7 @@ from csm_mlx import CSM, Segment
 from csm_mlx.audio import AudioError, AudioWriter
 from csm_mlx.cli.main import main as cli_main
 from csm_mlx.codec import Mimi
+from csm_mlx.convert.convert import main as convert_main
 from csm_mlx.hub import HubError
 from csm_mlx.options import OptionError
 
@@ -285,7 +286,8 @@ def test_non_utf8_standard_input(ws):
     assert snapshot(ws) == before
 
 
-def test_convert_errors_come_before_loading(ws, original_dir):
+def test_convert_errors_come_before_loading(ws, original_dir, capsys):
+    """In-process: the same code as the command (its main), minus interpreter start-up."""
     cases = [
         (["--hf-path", original_dir, "--mlx-path", ws / "q3", "-q", "--q-bits", "3"], "--q-bits 3 is not supported"),
         (["--hf-path", original_dir, "--mlx-path", ws / "a_dir_full"], "already exists"),
@@ -300,8 +302,9 @@ def test_convert_errors_come_before_loading(ws, original_dir):
     (ws / "a_dir_full" / "keep").write_text("mine")
     for argv, fragment in cases:
         before = snapshot(ws)
-        result = subprocess.run([CONVERT, *map(str, argv)], capture_output=True, text=True)
-        assert result.returncode == 2 and result.stderr.count("\n") == 1 and fragment in result.stderr, result.stderr
+        code = convert_main([str(a) for a in argv])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1 and fragment in err, err
         assert snapshot(ws) == before
 
 

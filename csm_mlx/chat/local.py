@@ -2,8 +2,8 @@
 
 Turn detection runs on the input's thread, so a barge-in stops playback within one input block
 (20 ms) of the detector's decision, whatever the MLX thread is doing; the MLX thread (the one
-that calls run()) then cuts the reply. The user's turn is encoded by Mimi while it is spoken
-(turn_encoder.py), so that its codes are ready when its transcript is. Echo: with loudspeakers the microphone hears the assistant,
+that calls run()) then cuts the reply. The user's turn is encoded by Mimi on a thread of its own
+(turn_encoder.py) while the MLX thread transcribes it. Echo: with loudspeakers the microphone hears the assistant,
 and nothing here cancels that echo, so in "speakers" mode no turn starts while the assistant
 speaks (and for unmute_s after): the assistant never answers itself, and barging in needs
 echo="headphones".
@@ -48,7 +48,7 @@ class LocalChat:
         self._new_player, self._on_turn, self._unmute_s = player, on_turn, unmute_s
         self._detector = TurnDetector(settings)
         self._encoder: Optional[TurnEncoder] = None  # from run() on
-        self._events: "queue.Queue" = queue.Queue()  # (event, the Future of a stopped turn's codes and audio)
+        self._events: "queue.Queue" = queue.Queue()  # (event, the Future of a stopped turn's Mimi codes)
         self._lock = threading.Lock()
         self._player: Optional[Player] = None  # the reply playing now
         self._unmute_at = 0.0
@@ -65,16 +65,15 @@ class LocalChat:
         try:
             while max_turns is None or answered < max_turns:
                 try:
-                    event, encoded = self._events.get(timeout=0.05)
+                    event, codes = self._events.get(timeout=0.05)
                 except queue.Empty:
                     if self.source.ended and self._events.empty():
                         break
                     continue
                 if not isinstance(event, SpeechStopped):
                     continue
-                codes, audio = encoded.result()
-                text = self.chat.hear(audio, codes)
-                self._on_turn(ChatTurn("user", text, audio))
+                text = self.chat.hear(event.audio, codes)
+                self._on_turn(ChatTurn("user", text, event.audio))
                 if text:
                     self._answer(text)
                     answered += 1
@@ -88,21 +87,16 @@ class LocalChat:
         with self._lock:
             playing = self._player is not None
             muted = self.echo == "speakers" and (playing or time.perf_counter() < self._unmute_at)
-            in_turn = self._detector.in_turn
-            events = self._detector.feed(block, muted=muted)
-            if in_turn:  # the block is the open turn's (or the silence that ends it)
-                self._encoder.feed(block)
-            for event in events:
-                encoded = None
+            for event in self._detector.feed(block, muted=muted):
+                codes = None
                 if isinstance(event, SpeechStarted):
-                    self._encoder.start(event.audio)
                     if playing and not self._barged.is_set():
                         self._player.stop()
                         self.barge_ins.append(time.perf_counter())
                         self._barged.set()
-                else:
-                    encoded = self._encoder.finish(len(event.audio))
-                self._events.put((event, encoded))
+                else:  # encoded from now on, while the MLX thread transcribes it
+                    codes = self._encoder.encode(event.audio)
+                self._events.put((event, codes))
 
     def _answer(self, text: str) -> None:
         reply = self.chat.reply(text)

@@ -45,7 +45,6 @@ class TurnSettings:
 @dataclass
 class SpeechStarted:
     start: int  # the turn's first sample (prefix included), counted from the first sample fed
-    audio: np.ndarray  # the turn so far: from start to the end of the audio fed (the rest comes in later feeds)
 
 
 @dataclass
@@ -121,7 +120,7 @@ class TurnDetector:
             self._turn_start = max(first_speech - self._prefix, self._fed - self._recent_samples)
             audio = np.concatenate(list(self._recent)) if self._recent else np.zeros(0, np.float32)
             self._turn = [audio[self._turn_start - (self._fed - self._recent_samples):]]
-            return SpeechStarted(self._turn_start, self._turn[0])
+            return SpeechStarted(self._turn_start)
         too_long = self._fed - self._turn_start >= self.settings.max_turn_s * self.sample_rate
         if self._turn is not None and (self._silence_run >= self._end_frames or too_long):
             if too_long:

@@ -13,6 +13,7 @@ ahead of playback, the language model writes its next sentence; otherwise CSM ma
 import collections
 import math
 import time
+from concurrent.futures import Future
 from typing import Deque, Iterator, List, Optional, Union
 
 import numpy as np
@@ -43,14 +44,15 @@ class VoiceChat:
         if isinstance(voice, TokenizedSegment):  # already encoded (a server's voice)
             self.conversation.history.append(voice)
 
-    def hear(self, audio: np.ndarray, codes: Optional[np.ndarray] = None) -> str:
+    def hear(self, audio: np.ndarray, codes: Optional[Future] = None) -> str:
         """Transcribe a user's turn (24 kHz mono float32); a turn with words joins CSM's context.
-        codes: the turn's Mimi codes if they are made already (a TurnEncoder's)."""
+        codes: the Future of the turn's Mimi codes, made on another thread meanwhile (a TurnEncoder's);
+        without it, the turn is encoded here."""
         text = self.recognizer.transcribe(audio)
         if text and codes is None:
             self.conversation.add(Segment(self.user_speaker, text, np.asarray(audio, np.float32)))
         elif text:
-            self.conversation.add(TokenizedSegment(self.csm.tokenizer.encode(text, self.user_speaker), codes))
+            self.conversation.add(TokenizedSegment(self.csm.tokenizer.encode(text, self.user_speaker), codes.result()))
         return text
 
     def read(self, text: str) -> None:

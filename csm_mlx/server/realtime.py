@@ -15,6 +15,7 @@ import binascii
 import itertools
 import json
 import logging
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -23,6 +24,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from ..recognizer import Recognizer
 from ..chat.responder import Responder
+from ..chat.turn_encoder import TurnEncoder
 from ..chat.turns import SpeechStarted, SpeechStopped, TurnDetector, TurnSettings
 from ..chat.voice_chat import VoiceChat
 from ..codec import SAMPLE_RATE
@@ -94,6 +96,7 @@ class RealtimeSession:
         self.turns = asyncio.Lock()  # user turns are handled one at a time, in order
         self.tasks: set = set()  # transcriptions running: asyncio holds only weak references to tasks
         self.closed = False
+        self.encoder: Optional[TurnEncoder] = None  # Mimi for the user's turns, off the engine's thread
 
     # plumbing
     async def send(self, kind: str, **fields) -> None:
@@ -129,6 +132,8 @@ class RealtimeSession:
             if self.response is not None:
                 log.info("realtime: the client left during a response; it was cancelled")
                 await self.cancel("client_left")
+            if self.encoder is not None:
+                await asyncio.get_running_loop().run_in_executor(None, self.encoder.close)
 
     async def handle(self, text: Optional[str]) -> None:
         event_id = None
@@ -246,19 +251,24 @@ class RealtimeSession:
         await self.send("input_audio_buffer.cleared")
 
     async def commit_turn(self, item_id: str, audio: np.ndarray, create_response: bool) -> None:
+        if self.encoder is None:  # a Mimi instance of its own: loaded once, and not on the engine's thread
+            mimi = self.server.csm.mimi
+            self.encoder = await asyncio.get_running_loop().run_in_executor(
+                None, lambda: TurnEncoder(mimi.path, mimi.num_codebooks))
+        codes = self.encoder.encode(audio)  # while the engine's thread transcribes the turn
         await self.send("input_audio_buffer.committed", item_id=item_id, previous_item_id=self.last_item)
         item = {"id": item_id, "object": "realtime.item", "type": "message", "role": "user", "status": "completed",
                 "content": [{"type": "input_audio", "transcript": None}]}
         await self.send("conversation.item.created", previous_item_id=self.last_item, item=item)
         self.last_item = item_id
-        task = asyncio.create_task(self.transcribe(item_id, audio, create_response))
+        task = asyncio.create_task(self.transcribe(item_id, audio, codes, create_response))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    async def transcribe(self, item_id: str, audio: np.ndarray, create_response: bool) -> None:
+    async def transcribe(self, item_id: str, audio: np.ndarray, codes: Future, create_response: bool) -> None:
         async with self.turns:
             chat = await self.ensure_chat()
-            text = await self.mlx(lambda: chat.hear(audio))
+            text = await self.mlx(lambda: chat.hear(audio, codes))
             await self.send("conversation.item.input_audio_transcription.completed", item_id=item_id,
                             content_index=0, transcript=text)
             if text:
