@@ -3,10 +3,10 @@
 Turn detection runs on the input's thread, so a barge-in stops playback within one input block
 (20 ms) of the detector's decision, whatever the MLX thread is doing; the MLX thread (the one
 that calls run()) then cuts the reply. The user's turn is encoded by Mimi on a thread of its own
-(turn_encoder.py) while the MLX thread transcribes it. Echo: with loudspeakers the microphone hears the assistant,
-and nothing here cancels that echo, so in "speakers" mode no turn starts while the assistant
-speaks (and for unmute_s after): the assistant never answers itself, and barging in needs
-echo="headphones".
+(turn_encoder.py) while the MLX thread transcribes it. Echo: with loudspeakers the microphone hears
+the assistant, and nothing here cancels that echo, so in "speakers" mode no turn starts while the
+assistant speaks (and for unmute_s after): the assistant never answers itself, and barging in
+needs echo="headphones".
 """
 
 import queue
