@@ -90,8 +90,8 @@ class Recognizer:
             raise RecognizerError(f"speech recognition with Parakeet needs parakeet-mlx: {INSTALL}") from None
         if not (path / PARAKEET_FILES[0]).is_file():
             raise RecognizerError(f"speech recognizer {name} has no model.safetensors")
-        try:  # a directory: parakeet-mlx tries it as a hub id first, which fails at once offline or not
-            model = from_pretrained(str(path), dtype=mx.bfloat16 if half else mx.float32)
+        try:  # parakeet-mlx tries its argument as a hub id first: an absolute path is never a valid one
+            model = from_pretrained(str(path.resolve()), dtype=mx.bfloat16 if half else mx.float32)
         except (TypeError, ValueError, KeyError) as e:
             raise RecognizerError(f"speech recognizer {name} does not load with parakeet-mlx "
                                   f"({' '.join(str(e).split())})") from None
